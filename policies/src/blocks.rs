@@ -1,0 +1,226 @@
+//! Chained hashing of token-id blocks: the identity of a KV-cache block.
+//!
+//! Two hashers live here:
+//! - [`VllmBlockHasher`]: vLLM's `sha256_cbor` (`sha256(cbor_canonical((parent, tuple(token_ids), extra_keys)))`,
+//!   parent of block 0 = `NONE_HASH = sha256_cbor(PYTHONHASHSEED)`). The simulator uses it so its KV events carry the
+//!   same hashes a vLLM pod with the same seed would publish. KV events carry the low 64 bits ([`low64`]).
+//! - [`PrefixHasher`]: weir's own chained xxh64 over little-endian `u32` ids, seeded by model and `cache_salt`. The
+//!   router keys its prefix index with it, so the index never depends on an engine's hash seed or algorithm.
+//!
+//! Only full blocks are hashed; a trailing partial block has no identity.
+
+use sha2::{Digest, Sha256};
+use xxhash_rust::xxh64::xxh64;
+
+/// vLLM's KV block size in tokens.
+pub const BLOCK_SIZE: usize = 16;
+
+/// A full 32-byte vLLM block hash.
+pub type BlockHash = [u8; 32];
+
+/// An extra key mixed into a block's hash (vLLM: LoRA name, multimodal hashes, `cache_salt` on block 0).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ExtraKey {
+    Str(String),
+}
+
+/// Low 64 bits of a 32-byte hash as vLLM puts them in KV events (last 8 bytes, big-endian).
+pub fn low64(h: &BlockHash) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[24..32]);
+    u64::from_be_bytes(b)
+}
+
+/// vLLM's `sha256_cbor` chained block hasher.
+#[derive(Debug, Clone)]
+pub struct VllmBlockHasher {
+    none_hash: BlockHash,
+}
+
+impl VllmBlockHasher {
+    /// `NONE_HASH = sha256_cbor(seed)` as vLLM computes it when `PYTHONHASHSEED=seed`.
+    pub fn with_seed(seed: &str) -> Self {
+        let mut buf = Vec::with_capacity(seed.len() + 9);
+        cbor::text(&mut buf, seed);
+        Self { none_hash: Sha256::digest(&buf).into() }
+    }
+
+    /// The parent hash used for the first block.
+    pub fn none_hash(&self) -> &BlockHash {
+        &self.none_hash
+    }
+
+    /// Hash of one full block given its parent (None for block 0) and extra keys.
+    pub fn hash_block(&self, parent: Option<&BlockHash>, tokens: &[u32], extra: &[ExtraKey]) -> BlockHash {
+        let parent = parent.unwrap_or(&self.none_hash);
+        let mut buf = Vec::with_capacity(48 + tokens.len() * 5);
+        cbor::array_header(&mut buf, 3);
+        cbor::bytes(&mut buf, parent);
+        cbor::array_header(&mut buf, tokens.len() as u64);
+        for &t in tokens {
+            cbor::uint(&mut buf, u64::from(t));
+        }
+        if extra.is_empty() {
+            cbor::null(&mut buf);
+        } else {
+            cbor::array_header(&mut buf, extra.len() as u64);
+            for ExtraKey::Str(s) in extra {
+                cbor::text(&mut buf, s);
+            }
+        }
+        Sha256::digest(&buf).into()
+    }
+
+    /// Hashes of every full block of `tokens`; `cache_salt` (if any) is an extra key of block 0 only.
+    pub fn block_hashes(&self, tokens: &[u32], block_size: usize, cache_salt: Option<&str>) -> Vec<BlockHash> {
+        let mut out: Vec<BlockHash> = Vec::with_capacity(tokens.len() / block_size);
+        let salt: Vec<ExtraKey> = cache_salt.map(|s| vec![ExtraKey::Str(s.to_string())]).unwrap_or_default();
+        for (i, chunk) in tokens.chunks_exact(block_size).enumerate() {
+            let extra: &[ExtraKey] = if i == 0 { &salt } else { &[] };
+            let h = self.hash_block(out.last(), chunk, extra);
+            out.push(h);
+        }
+        out
+    }
+}
+
+/// weir's own chained block hash, used as the router's prefix-index key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixHasher {
+    seed: u64,
+    block_size: usize,
+}
+
+impl PrefixHasher {
+    /// A hasher for one model (and optional `cache_salt`): different models never share keys.
+    pub fn new(model: &str, cache_salt: Option<&str>, block_size: usize) -> Self {
+        let mut seed_src = Vec::with_capacity(model.len() + 1 + cache_salt.map_or(0, str::len));
+        seed_src.extend_from_slice(model.as_bytes());
+        if let Some(s) = cache_salt {
+            seed_src.push(0);
+            seed_src.extend_from_slice(s.as_bytes());
+        }
+        Self { seed: xxh64(&seed_src, 0), block_size: block_size.max(1) }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Chained hash of one block: `xxh64(le_u32 ids, seed = parent or model seed)`.
+    pub fn hash_block(&self, parent: Option<u64>, tokens: &[u32]) -> u64 {
+        let mut buf = [0u8; 4 * 64];
+        let seed = parent.unwrap_or(self.seed);
+        if tokens.len() <= 64 {
+            for (i, t) in tokens.iter().enumerate() {
+                buf[i * 4..i * 4 + 4].copy_from_slice(&t.to_le_bytes());
+            }
+            xxh64(&buf[..tokens.len() * 4], seed)
+        } else {
+            let v: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+            xxh64(&v, seed)
+        }
+    }
+
+    /// Hashes of every full block of `tokens`, chained from the first.
+    pub fn block_hashes(&self, tokens: &[u32]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(tokens.len() / self.block_size);
+        let mut parent = None;
+        for chunk in tokens.chunks_exact(self.block_size) {
+            let h = self.hash_block(parent, chunk);
+            out.push(h);
+            parent = Some(h);
+        }
+        out
+    }
+}
+
+/// The few canonical-CBOR items vLLM's `sha256_cbor` input needs (arrays, unsigned ints, byte and text strings,
+/// null). Hand-written because a general CBOR crate would be a large dependency for five item kinds, and canonical
+/// form here is simply "shortest length encoding", which these functions always produce.
+mod cbor {
+    fn head(buf: &mut Vec<u8>, major: u8, n: u64) {
+        let m = major << 5;
+        match n {
+            0..=23 => buf.push(m | n as u8),
+            24..=0xff => buf.extend_from_slice(&[m | 24, n as u8]),
+            0x100..=0xffff => {
+                buf.push(m | 25);
+                buf.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                buf.push(m | 26);
+                buf.extend_from_slice(&(n as u32).to_be_bytes());
+            }
+            _ => {
+                buf.push(m | 27);
+                buf.extend_from_slice(&n.to_be_bytes());
+            }
+        }
+    }
+    pub fn uint(buf: &mut Vec<u8>, n: u64) {
+        head(buf, 0, n);
+    }
+    pub fn bytes(buf: &mut Vec<u8>, b: &[u8]) {
+        head(buf, 2, b.len() as u64);
+        buf.extend_from_slice(b);
+    }
+    pub fn text(buf: &mut Vec<u8>, s: &str) {
+        head(buf, 3, s.len() as u64);
+        buf.extend_from_slice(s.as_bytes());
+    }
+    pub fn array_header(buf: &mut Vec<u8>, n: u64) {
+        head(buf, 4, n);
+    }
+    pub fn null(buf: &mut Vec<u8>) {
+        buf.push(0xf6);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn none_hash_is_sha256_of_cbor_text() {
+        // cbor("0") = 0x61 0x30
+        let h = VllmBlockHasher::with_seed("0");
+        let expect: BlockHash = Sha256::digest([0x61u8, 0x30]).into();
+        assert_eq!(h.none_hash(), &expect);
+    }
+
+    #[test]
+    fn cbor_int_lengths() {
+        let mut b = Vec::new();
+        cbor::uint(&mut b, 23);
+        cbor::uint(&mut b, 24);
+        cbor::uint(&mut b, 500);
+        cbor::uint(&mut b, 128_009);
+        assert_eq!(b, vec![0x17, 0x18, 24, 0x19, 0x01, 0xf4, 0x1a, 0x00, 0x01, 0xf4, 0x09]);
+    }
+
+    #[test]
+    fn chains_depend_on_parent_and_salt() {
+        let h = VllmBlockHasher::with_seed("0");
+        let toks: Vec<u32> = (0..48).collect();
+        let a = h.block_hashes(&toks, 16, None);
+        let b = h.block_hashes(&toks, 16, Some("tenant-a"));
+        assert_eq!(a.len(), 3);
+        assert_ne!(a[0], b[0]);
+        assert_ne!(a[2], b[2], "salt on block 0 changes every later hash through the chain");
+        // same tokens, different position -> different hash
+        let mut shifted = toks.clone();
+        shifted.rotate_left(16);
+        assert_ne!(h.block_hashes(&shifted, 16, None)[1], a[1]);
+    }
+
+    #[test]
+    fn prefix_hasher_ignores_partial_block_and_separates_models() {
+        let toks: Vec<u32> = (0..40).collect();
+        let p = PrefixHasher::new("m", None, 16);
+        assert_eq!(p.block_hashes(&toks).len(), 2);
+        let q = PrefixHasher::new("other", None, 16);
+        assert_ne!(p.block_hashes(&toks)[0], q.block_hashes(&toks)[0]);
+        assert_eq!(p.block_hashes(&toks[..32]), p.block_hashes(&toks));
+    }
+}

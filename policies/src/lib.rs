@@ -1,0 +1,10 @@
+//! Pure types and decision functions shared across weir.
+//!
+//! This crate holds what more than one part of weir must agree on bit for bit: how text becomes token ids
+//! ([`tokens`]), how token ids become chained KV-block hashes ([`blocks`]), and the OpenAI / vLLM error bodies
+//! ([`errors`]). It must never depend on tokio, an HTTP stack, Kubernetes or Redis, and never read a clock or global
+//! randomness: callers pass `now` and an RNG in, so every decision is deterministic under test.
+
+pub mod blocks;
+pub mod errors;
+pub mod tokens;
