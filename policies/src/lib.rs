@@ -7,4 +7,6 @@
 
 pub mod blocks;
 pub mod errors;
+pub mod kv_events;
+pub mod openai;
 pub mod tokens;
