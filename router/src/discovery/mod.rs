@@ -1,0 +1,168 @@
+//! Discovery seam: sources publish endpoint sets; the router turns them into immutable snapshots.
+//!
+//! A source is anything that knows which model-server endpoints exist: static config ([`Discovery::add_static`]),
+//! or the Kubernetes watcher (`discovery/kubernetes.rs`). Each source owns one
+//! `tokio::sync::watch::Sender<Vec<DiscoveredEndpoint>>` obtained from [`Discovery::add_source`] and simply sends its
+//! whole current set whenever it changes. [`run`] merges every source's latest set, builds a new
+//! [`EndpointSnapshot`](crate::snapshot::EndpointSnapshot) and swaps it into the shared `ArcSwap` atomically; the
+//! request path only ever loads that `Arc`, never takes a write lock. Per-endpoint live state (in-flight counts,
+//! breaker, scraped metrics) is keyed by endpoint id and survives rebuilds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use policies::endpoint::Role;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::snapshot::{EndpointSnapshot, SnapshotBuilder};
+
+/// One endpoint as a discovery source reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveredEndpoint {
+    /// Stable identity (pod name plus port for Kubernetes, `host:port` for static config). Live state is keyed by it.
+    pub id: String,
+    /// Base URL, `http://host:port`, no path.
+    pub url: String,
+    /// Pool (InferencePool / config pool) this endpoint belongs to. Unknown pools get an implicit round-robin pool
+    /// whose served model name is the pool name.
+    pub pool: String,
+    /// P/D role (`llm-d.ai/role` label).
+    pub role: Role,
+    /// Pod labels (or config labels), for future filters; never used as metric labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl DiscoveredEndpoint {
+    /// An aggregated (`prefill-decode`) endpoint with no labels, identified by its URL's `host:port`.
+    pub fn from_url(pool: &str, url: &str) -> Self {
+        let id = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        Self {
+            id,
+            url: url.to_string(),
+            pool: pool.to_string(),
+            role: Role::Both,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// The set of discovery sources feeding one router.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    /// Each source's name and the receiving end of its endpoint-set channel.
+    sources: Vec<(String, watch::Receiver<Vec<DiscoveredEndpoint>>)>,
+    /// Senders of sources that never change (static config), kept alive so their receivers stay open.
+    fixed: Vec<watch::Sender<Vec<DiscoveredEndpoint>>>,
+}
+
+impl Discovery {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a source and returns its sender; send the full endpoint set on every change.
+    pub fn add_source(&mut self, name: &str) -> watch::Sender<Vec<DiscoveredEndpoint>> {
+        let (tx, rx) = watch::channel(Vec::new());
+        self.sources.push((name.to_string(), rx));
+        tx
+    }
+
+    /// Registers the static endpoints from config as a source that never changes.
+    pub fn add_static(&mut self, config: &Config) {
+        let eps = config
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.endpoints
+                    .iter()
+                    .map(move |u| DiscoveredEndpoint::from_url(&p.name, u))
+            })
+            .collect();
+        let tx = self.add_source("static");
+        tx.send_replace(eps);
+        self.fixed.push(tx);
+    }
+
+    /// The union of every source's current set, sorted by (pool, id), duplicates (same pool and id) dropped.
+    pub fn current(&mut self) -> Vec<DiscoveredEndpoint> {
+        let mut all: Vec<DiscoveredEndpoint> = self
+            .sources
+            .iter_mut()
+            .flat_map(|(_, rx)| rx.borrow_and_update().clone())
+            .collect();
+        all.sort_by(|a, b| (&a.pool, &a.id).cmp(&(&b.pool, &b.id)));
+        all.dedup_by(|a, b| a.pool == b.pool && a.id == b.id);
+        all
+    }
+
+    /// Waits until any open source sends a change. Returns false once every source has closed.
+    pub async fn changed(&mut self) -> bool {
+        let waits: Vec<_> = self
+            .sources
+            .iter_mut()
+            .filter(|(_, rx)| rx.has_changed().is_ok())
+            .map(|(_, rx)| Box::pin(rx.changed()))
+            .collect();
+        if waits.is_empty() {
+            return false;
+        }
+        let (res, _, _) = futures::future::select_all(waits).await;
+        res.is_ok() || self.sources.iter().any(|(_, rx)| rx.has_changed().is_ok())
+    }
+}
+
+/// Builds the first snapshot synchronously (so the router serves from its first request), then keeps rebuilding
+/// and swapping on every source change until all sources close.
+pub async fn run(
+    mut discovery: Discovery,
+    mut builder: SnapshotBuilder,
+    shared: Arc<ArcSwap<EndpointSnapshot>>,
+) {
+    loop {
+        if !discovery.changed().await {
+            tracing::info!("all discovery sources closed; keeping the last snapshot");
+            return;
+        }
+        let eps = discovery.current();
+        let snap = builder.build(&eps);
+        tracing::info!(
+            version = snap.version,
+            endpoints = eps.len(),
+            "endpoint snapshot updated"
+        );
+        shared.store(Arc::new(snap));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn merges_sources_and_wakes_on_change() {
+        let mut d = Discovery::new();
+        let a = d.add_source("a");
+        let b = d.add_source("b");
+        a.send_replace(vec![DiscoveredEndpoint::from_url(
+            "p",
+            "http://127.0.0.1:2",
+        )]);
+        b.send_replace(vec![
+            DiscoveredEndpoint::from_url("p", "http://127.0.0.1:1"),
+            DiscoveredEndpoint::from_url("p", "http://127.0.0.1:2"),
+        ]);
+        let ids: Vec<String> = d.current().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec!["127.0.0.1:1", "127.0.0.1:2"]);
+        b.send_replace(vec![]);
+        assert!(d.changed().await);
+        assert_eq!(d.current().len(), 1);
+        drop(a);
+        drop(b);
+        assert!(!d.changed().await);
+    }
+}

@@ -1,0 +1,174 @@
+//! Live per-endpoint state shared between the request path, the scraper and discovery rebuilds: the router's own
+//! in-flight counts (updated at pick time, so fresher than any scrape), the last scraped engine load, and the
+//! circuit breaker. All fields are atomics except the breaker's short critical section.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use policies::endpoint::{EndpointView, Role, ScrapedLoad};
+use policies::pick::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+
+/// One endpoint's live state.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Requests this router has in flight to the endpoint.
+    pub in_flight: AtomicU32,
+    /// Estimated tokens (prompt + max output) of those requests.
+    pub in_flight_tokens: AtomicU64,
+    /// Scraped `num_requests_waiting`.
+    waiting: AtomicU32,
+    /// Scraped `num_requests_running`.
+    running: AtomicU32,
+    /// Scraped KV usage, as `f64` bits.
+    kv_usage_bits: AtomicU64,
+    /// When the last successful scrape finished, in ms since the router's epoch plus one (0 = never).
+    scraped_at_ms: AtomicU64,
+    /// `block_size` from `vllm:cache_config_info` (0 = unknown), for the prefix index to come.
+    pub block_size: AtomicU32,
+    /// `num_gpu_blocks` from `vllm:cache_config_info` (0 = unknown).
+    pub num_gpu_blocks: AtomicU64,
+    /// Consecutive scrape failures, for the health gauge.
+    pub scrape_failures: AtomicU32,
+    /// Circuit breaker over request outcomes.
+    breaker: Mutex<CircuitBreaker>,
+}
+
+/// Scraped values to store.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Scrape {
+    pub waiting: u32,
+    pub running: u32,
+    pub kv_usage: f64,
+    pub block_size: Option<u32>,
+    pub num_gpu_blocks: Option<u64>,
+}
+
+impl EndpointState {
+    pub fn new(breaker: BreakerConfig) -> Self {
+        Self {
+            in_flight: AtomicU32::new(0),
+            in_flight_tokens: AtomicU64::new(0),
+            waiting: AtomicU32::new(0),
+            running: AtomicU32::new(0),
+            kv_usage_bits: AtomicU64::new(0f64.to_bits()),
+            scraped_at_ms: AtomicU64::new(0),
+            block_size: AtomicU32::new(0),
+            num_gpu_blocks: AtomicU64::new(0),
+            scrape_failures: AtomicU32::new(0),
+            breaker: Mutex::new(CircuitBreaker::new(breaker)),
+        }
+    }
+
+    /// Records a successful scrape finishing at `since_epoch`.
+    pub fn record_scrape(&self, s: &Scrape, since_epoch: Duration) {
+        self.waiting.store(s.waiting, Ordering::Relaxed);
+        self.running.store(s.running, Ordering::Relaxed);
+        self.kv_usage_bits
+            .store(s.kv_usage.to_bits(), Ordering::Relaxed);
+        if let Some(b) = s.block_size {
+            self.block_size.store(b, Ordering::Relaxed);
+        }
+        if let Some(n) = s.num_gpu_blocks {
+            self.num_gpu_blocks.store(n, Ordering::Relaxed);
+        }
+        self.scrape_failures.store(0, Ordering::Relaxed);
+        self.scraped_at_ms
+            .store(since_epoch.as_millis() as u64 + 1, Ordering::Relaxed);
+    }
+
+    pub fn record_scrape_failure(&self) {
+        self.scrape_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Last scrape if it is at most `stale_after` old at `since_epoch`.
+    pub fn scraped(&self, since_epoch: Duration, stale_after: Duration) -> Option<ScrapedLoad> {
+        let at = self.scraped_at_ms.load(Ordering::Relaxed);
+        if at == 0 {
+            return None;
+        }
+        let age_ms = (since_epoch.as_millis() as u64).saturating_sub(at - 1);
+        if age_ms > stale_after.as_millis() as u64 {
+            return None;
+        }
+        Some(ScrapedLoad {
+            waiting: self.waiting.load(Ordering::Relaxed),
+            running: self.running.load(Ordering::Relaxed),
+            kv_usage: f64::from_bits(self.kv_usage_bits.load(Ordering::Relaxed)),
+            age_ms,
+        })
+    }
+
+    /// The picker's view of this endpoint.
+    pub fn view(
+        &self,
+        index: usize,
+        role: Role,
+        now: Instant,
+        since_epoch: Duration,
+        stale: Duration,
+    ) -> EndpointView {
+        EndpointView {
+            index,
+            role,
+            available: self.breaker.lock().is_available(now),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            in_flight_tokens: self.in_flight_tokens.load(Ordering::Relaxed),
+            scraped: self.scraped(since_epoch, stale),
+        }
+    }
+
+    /// Claims a request slot through the breaker (takes the half-open probe if that is the state).
+    pub fn try_acquire(&self, now: Instant) -> bool {
+        self.breaker.lock().try_acquire(now)
+    }
+
+    pub fn on_success(&self) {
+        self.breaker.lock().on_success();
+    }
+
+    /// Returns true when this failure opened the breaker.
+    pub fn on_failure(&self, now: Instant) -> bool {
+        self.breaker.lock().on_failure(now)
+    }
+
+    pub fn on_abandoned(&self) {
+        self.breaker.lock().on_abandoned();
+    }
+
+    pub fn breaker_state(&self, now: Instant) -> BreakerState {
+        self.breaker.lock().state(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrape_goes_stale() {
+        let s = EndpointState::new(BreakerConfig::default());
+        assert!(
+            s.scraped(Duration::from_secs(1), Duration::from_secs(1))
+                .is_none()
+        );
+        let sc = Scrape {
+            waiting: 2,
+            running: 3,
+            kv_usage: 0.5,
+            ..Default::default()
+        };
+        s.record_scrape(&sc, Duration::from_millis(1000));
+        let got = s
+            .scraped(Duration::from_millis(1200), Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(
+            (got.waiting, got.running, got.kv_usage, got.age_ms),
+            (2, 3, 0.5, 200)
+        );
+        assert!(
+            s.scraped(Duration::from_millis(2500), Duration::from_secs(1))
+                .is_none()
+        );
+    }
+}
