@@ -5,3 +5,7 @@
 //! ([`engine`]) is pure and deterministic given a seed and the times passed in; it is driven either in real time on
 //! tokio (the HTTP server) or in virtual time by a discrete-event runner that plays a trace through a fleet as fast
 //! as the CPU allows. This crate is linked into production paths only through the `weir` binary's `sim` command.
+
+pub mod faults;
+pub mod metrics;
+pub mod zmq;
