@@ -9,3 +9,5 @@
 pub mod faults;
 pub mod metrics;
 pub mod zmq;
+pub mod engine;
+pub mod profile;
