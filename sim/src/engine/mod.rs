@@ -688,3 +688,29 @@ impl Engine {
             .unwrap_or_else(|| unreachable!("slot {slot} is live"))
     }
 }
+
+#[cfg(test)]
+impl Engine {
+    /// Every KV invariant: ref counts equal what requests and pins hold, free + used = total, no block twice.
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        let mut held: HashMap<u32, u32> = HashMap::new();
+        for r in self.reqs.iter().flatten() {
+            for &b in &r.blocks {
+                *held.entry(b).or_default() += 1;
+            }
+            if r.state == State::Waiting && r.num_computed == 0 && !r.blocks.is_empty() {
+                return Err(format!("waiting request {} holds blocks", r.req.id));
+            }
+        }
+        for p in self.pins.values() {
+            for &b in &p.blocks {
+                *held.entry(b).or_default() += 1;
+            }
+        }
+        let pinned: u32 = self.pins.values().map(|p| p.blocks.len() as u32).sum();
+        if pinned != self.pinned_blocks {
+            return Err(format!("pinned {pinned} vs gauge {}", self.pinned_blocks));
+        }
+        self.pool.check(&held)
+    }
+}
