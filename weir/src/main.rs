@@ -1,5 +1,6 @@
 //! The `weir` binary: a thin shell over the library crates. Each subcommand lives in `cmd/`.
 
+mod bench;
 mod cmd;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,8 @@ enum LogFormat {
 enum Command {
     /// Run a simulated vLLM server, or a fleet of them.
     Sim(cmd::sim::SimArgs),
+    /// Load-test any OpenAI-compatible server or router (open or closed loop) and report latency percentiles.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -42,5 +45,6 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Sim(args) => cmd::sim::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     }
 }
