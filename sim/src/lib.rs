@@ -11,3 +11,5 @@ pub mod metrics;
 pub mod zmq;
 pub mod engine;
 pub mod profile;
+pub mod des;
+pub mod workload;
