@@ -185,9 +185,7 @@ fn find_gpu(d: &'static ProfileData, name: &str) -> Result<&'static GpuSpec, Pro
     let n = name.trim().to_ascii_lowercase();
     d.gpu
         .iter()
-        .find(|g| {
-            g.key == n || g.name.to_ascii_lowercase() == n || g.aliases.iter().any(|a| *a == n)
-        })
+        .find(|g| g.key == n || g.name.to_ascii_lowercase() == n || g.aliases.contains(&n))
         .ok_or_else(|| {
             ProfileError::UnknownGpu(
                 name.to_string(),

@@ -154,9 +154,10 @@ impl Engine {
             let n_out = idx + 1;
             let finish = if n_out >= r.req.max_tokens || r.num_tokens() >= max_model_len {
                 Some((FinishReason::Length, None))
-            } else if n_out >= r.req.min_tokens && !r.req.ignore_eos && token == EOS_TOKEN {
-                Some((FinishReason::Stop, Some(token)))
-            } else if n_out >= r.req.min_tokens && r.req.stop_token_ids.contains(&token) {
+            } else if n_out >= r.req.min_tokens
+                && ((!r.req.ignore_eos && token == EOS_TOKEN)
+                    || r.req.stop_token_ids.contains(&token))
+            {
                 Some((FinishReason::Stop, Some(token)))
             } else {
                 None
