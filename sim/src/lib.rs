@@ -13,3 +13,6 @@ pub mod engine;
 pub mod profile;
 pub mod des;
 pub mod workload;
+pub mod driver;
+pub mod server;
+pub mod fleet;
