@@ -8,6 +8,8 @@
 //! request path only ever loads that `Arc`, never takes a write lock. Per-endpoint live state (in-flight counts,
 //! breaker, scraped metrics) is keyed by endpoint id and survives rebuilds.
 
+pub mod kubernetes;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
