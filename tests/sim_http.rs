@@ -1,0 +1,333 @@
+//! End-to-end: the real `weir sim` binary over HTTP — SSE framing, both APIs, prefix-cache metrics, bad inputs,
+//! fault hooks.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{Value, json};
+
+/// A `weir sim` process, killed on drop.
+struct Sim {
+    child: Child,
+    url: String,
+}
+
+impl Sim {
+    fn start(extra: &[&str]) -> Sim {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args([
+                "sim",
+                "--port",
+                "0",
+                "--time-scale",
+                "50",
+                "--startup-delay",
+                "0",
+                "--jitter",
+                "0",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn weir sim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("endpoints line");
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("bad endpoints json {line:?}: {e}"));
+        let url = v["endpoints"][0]["url"].as_str().expect("url").to_string();
+        Sim { child, url }
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+async fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut r = reqwest::Client::new().post(url).json(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let res = r.send().await.expect("send");
+    let status = res.status().as_u16();
+    (status, res.text().await.expect("body"))
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
+#[tokio::test]
+async fn streaming_chat_ends_with_usage_then_done() {
+    let sim = Sim::start(&[]);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me about GPUs"}],
+        "max_tokens": 8, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
+    let res = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", sim.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = res.text().await.unwrap();
+    // Byte framing: every event is `data: <payload>\n\n`, nothing else.
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert!(
+        events
+            .iter()
+            .all(|e| e.starts_with("data: ") && !e.contains('\n')),
+        "{text}"
+    );
+    assert_eq!(events.len(), 1 + 8 + 1 + 1);
+    let j = |i: usize| serde_json::from_str::<Value>(&events[i]["data: ".len()..]).unwrap();
+    assert_eq!(
+        j(0)["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    for i in 1..8 {
+        assert!(j(i)["choices"][0]["finish_reason"].is_null());
+        assert!(j(i).get("usage").is_none());
+    }
+    assert_eq!(j(8)["choices"][0]["finish_reason"], "length");
+    let u = j(9);
+    assert_eq!(u["choices"], json!([]));
+    assert_eq!(u["usage"]["completion_tokens"], 8);
+    assert_eq!(
+        u["usage"]["total_tokens"],
+        u["usage"]["prompt_tokens"].as_u64().unwrap() + 8
+    );
+}
+
+#[tokio::test]
+async fn non_stream_both_apis() {
+    let sim = Sim::start(&["--enable-prompt-tokens-details"]);
+    let (st, b) = post(
+        &format!("{}/v1/completions", sim.url),
+        &json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "ignore_eos": true}),
+        &[("x-request-id", "req-1")],
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["id"], "cmpl-req-1");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    // Deterministic: the same request gives the same text.
+    let (_, b2) = post(
+        &format!("{}/v1/completions", sim.url),
+        &json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "ignore_eos": true}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&b2).unwrap()["choices"][0]["text"],
+        text.as_str()
+    );
+    let (st, b) = post(
+        &format!("{}/v1/chat/completions", sim.url),
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                "max_completion_tokens": 3, "max_tokens": 100, "ignore_eos": true}),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        v["usage"]["completion_tokens"], 3,
+        "max_completion_tokens wins"
+    );
+}
+
+#[tokio::test]
+async fn repeated_long_prompt_hits_prefix_cache() {
+    let sim = Sim::start(&[]);
+    let prompt =
+        "You are a careful assistant that explains Kubernetes scheduling in depth. ".repeat(40);
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
+    let url = format!("{}/v1/completions", sim.url);
+    let (_, first) = post(&url, &body, &[]).await;
+    let prompt_tokens = serde_json::from_str::<Value>(&first).unwrap()["usage"]["prompt_tokens"]
+        .as_u64()
+        .unwrap();
+    let m = |t: String| metric(&t, "vllm:prefix_cache_hits_total");
+    let before = m(reqwest::get(format!("{}/metrics", sim.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap());
+    let (st, _) = post(&url, &body, &[]).await;
+    assert_eq!(st, 200);
+    let after = m(reqwest::get(format!("{}/metrics", sim.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap());
+    let cached_blocks = (prompt_tokens - 1) / 16;
+    assert!(
+        after - before >= (cached_blocks * 16) as f64,
+        "hits {before} -> {after}, prompt {prompt_tokens}"
+    );
+}
+
+#[tokio::test]
+async fn bad_inputs_get_status_and_body() {
+    let sim = Sim::start(&["--max-body-bytes", "20000", "--max-model-len", "2048"]);
+    let chat = format!("{}/v1/chat/completions", sim.url);
+    let msg = json!([{"role": "user", "content": "x"}]);
+    let cases = vec![
+        (
+            json!({"model": "nope", "messages": msg}),
+            404,
+            "NotFoundError",
+        ),
+        (
+            json!({"model": MODEL, "messages": "x"}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            json!({"model": MODEL, "messages": msg, "max_tokens": 0}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            json!({"model": MODEL, "messages": msg, "max_tokens": 4000}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            json!({"model": MODEL, "messages": msg, "n": 3}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            json!({"model": MODEL, "messages": msg, "temperature": -2}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            json!({"model": MODEL, "messages": msg, "stream_options": {"include_usage": true}}),
+            400,
+            "BadRequestError",
+        ),
+    ];
+    for (body, status, kind) in cases {
+        let (st, b) = post(&chat, &body, &[]).await;
+        assert_eq!(st, status, "{body}: {b}");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["error"]["type"], kind, "{b}");
+        assert_eq!(v["error"]["code"], status);
+    }
+    let (_, b) = post(
+        &chat,
+        &json!({"model": MODEL, "messages": msg, "max_tokens": 4000}),
+        &[],
+    )
+    .await;
+    assert!(
+        b.contains("4000") && b.contains("2048"),
+        "message gives both numbers: {b}"
+    );
+    let client = reqwest::Client::new();
+    for raw in [b"{\"model\": ".to_vec(), vec![0xff, 0xfe, 0x00]] {
+        let res = client
+            .post(&chat)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400);
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], 400);
+    }
+    let big = json!({"model": MODEL, "prompt": "a".repeat(30000)});
+    let (st, b) = post(&format!("{}/v1/completions", sim.url), &big, &[]).await;
+    assert_eq!(st, 413);
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).unwrap()["error"]["code"],
+        413
+    );
+    let (st, b) = post(
+        &format!("{}/v1/completions", sim.url),
+        &json!({"model": MODEL, "prompt": ["a", "b"]}),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 400, "{b}");
+    // The server still serves after all that.
+    let (st, _) = post(
+        &chat,
+        &json!({"model": MODEL, "messages": msg, "max_tokens": 2}),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn x_return_error_and_api_key() {
+    let sim = Sim::start(&["--api-key", "sekret"]);
+    let chat = format!("{}/v1/chat/completions", sim.url);
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2});
+    let (st, b) = post(&chat, &body, &[]).await;
+    assert_eq!((st, b.as_str()), (401, r#"{"error":"Unauthorized"}"#));
+    let auth = ("authorization", "Bearer sekret");
+    let (st, b) = post(&chat, &body, &[auth, ("x-return-error", "503")]).await;
+    assert_eq!(st, 503);
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).unwrap()["error"]["code"],
+        503
+    );
+    let (st, _) = post(&chat, &body, &[auth]).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        reqwest::get(format!("{}/health", sim.url))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn crash_drops_the_stream() {
+    let sim = Sim::start(&["--crash-after-tokens", "2"]);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10,
+        "ignore_eos": true, "stream": true});
+    let res = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", sim.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let r = res.text().await;
+    assert!(r.is_err(), "the connection must break mid-stream: {r:?}");
+}
