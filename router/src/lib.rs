@@ -6,10 +6,60 @@
 //! retries, timeouts and circuit breaking; [`app`] is the axum front door. This crate must not depend on the
 //! simulator, the autoscaler or the metrics adapter.
 
+pub mod app;
 pub mod config;
 pub mod discovery;
+#[cfg(test)]
+mod handler_tests;
+pub mod metrics;
+pub mod proxy;
+pub mod scrape;
 pub mod snapshot;
+pub mod sse;
 pub mod state;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+
+use crate::app::AppState;
+use crate::config::Config;
+use crate::discovery::Discovery;
+use crate::snapshot::SnapshotBuilder;
+
+/// Builds the router: the first snapshot from `discovery`'s current sets (so the first request already routes),
+/// then spawns the discovery and scrape loops on the current tokio runtime. `registry` may already hold other
+/// components' metrics; it is frozen for `/metrics` here.
+pub fn start(
+    config: &Config,
+    mut discovery: Discovery,
+    registry: Registry,
+    created_unix: u64,
+    seed: u64,
+) -> Arc<AppState> {
+    let mut builder = SnapshotBuilder::new(config);
+    let first = builder.build(&discovery.current());
+    let shared = Arc::new(ArcSwap::from_pointee(first));
+    let client = proxy::http_client(config.timeouts.connect);
+    let state = AppState::new(
+        config,
+        shared.clone(),
+        client.clone(),
+        registry,
+        created_unix,
+        seed,
+    );
+    tokio::spawn(discovery::run(discovery, builder, shared.clone()));
+    tokio::spawn(scrape::run(
+        client,
+        shared,
+        config.scrape,
+        state.metrics.clone(),
+        state.epoch,
+    ));
+    state
+}
 
 /// Errors of the router crate.
 #[derive(Debug, thiserror::Error)]

@@ -136,6 +136,11 @@ impl EndpointState {
         self.breaker.lock().on_abandoned();
     }
 
+    /// Time left in the breaker's ejection, if open.
+    pub fn retry_after(&self, now: Instant) -> Option<Duration> {
+        self.breaker.lock().retry_after(now)
+    }
+
     pub fn breaker_state(&self, now: Instant) -> BreakerState {
         self.breaker.lock().state(now)
     }

@@ -26,6 +26,8 @@ enum LogFormat {
 enum Command {
     /// Run a simulated vLLM server, or a fleet of them.
     Sim(cmd::sim::SimArgs),
+    /// Run the OpenAI-compatible router in front of model servers.
+    Serve(cmd::serve::ServeArgs),
     /// Load-test any OpenAI-compatible server or router (open or closed loop) and report latency percentiles.
     Bench(cmd::bench::BenchArgs),
 }
@@ -45,6 +47,7 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Sim(args) => cmd::sim::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
         Command::Bench(args) => cmd::bench::run(args),
     }
 }

@@ -146,6 +146,14 @@ impl CircuitBreaker {
         }
     }
 
+    /// Time left in the current ejection, if open.
+    pub fn retry_after(&self, now: Instant) -> Option<Duration> {
+        match (self.state, self.open_until) {
+            (BreakerState::Open, Some(until)) if now < until => Some(until - now),
+            _ => None,
+        }
+    }
+
     /// Length of the ejection that the next opening would use.
     pub fn next_ejection(&self) -> Duration {
         let factor = 1u32.checked_shl(self.ejections.min(31)).unwrap_or(u32::MAX);

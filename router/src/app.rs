@@ -1,0 +1,420 @@
+//! The axum front door: `app(state) -> Router` (tested with `oneshot`) and `serve(listener, ..)` with graceful drain.
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` (aggregated over routes),
+//! `GET /health` (503 while draining), `GET /metrics`, `GET /debug/routes` (routes, weights and shares, pools,
+//! endpoint state). Every response carries `x-request-id`; every error is OpenAI-shaped.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper::StatusCode;
+use hyper::header::{self, HeaderName, HeaderValue};
+use policies::errors::ApiError;
+use policies::pick::budget::RetryBudget;
+use prometheus_client::registry::Registry;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use crate::config::Config;
+use crate::metrics::{Metrics, ModelRetry, ModelStatus, RetryReason};
+use crate::proxy::{Api, Forward, HttpClient, forward, parse_request};
+use crate::snapshot::EndpointSnapshot;
+
+/// Proxy settings taken from validated config.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    pub retry_budget: RetryBudget,
+    /// Request sent -> response head.
+    pub first_byte: Duration,
+    /// Longest gap between body chunks.
+    pub idle: Duration,
+    /// Scrapes older than this are ignored by pickers.
+    pub stale_after: Duration,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// Largest non-streaming response body buffered from a backend.
+    pub max_response_bytes: usize,
+    /// Cap on the `retry-after` weir computes from breaker ejections.
+    pub max_retry_after_secs: u64,
+}
+
+impl ProxyConfig {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            max_attempts: c.retry.max_attempts,
+            retry_budget: c.retry.budget,
+            first_byte: c.timeouts.first_byte,
+            idle: c.timeouts.idle,
+            stale_after: c.scrape.stale_after,
+            max_body_bytes: c.max_body_bytes,
+            max_response_bytes: 64 << 20,
+            max_retry_after_secs: 60,
+        }
+    }
+}
+
+/// Shared state of one router instance.
+pub struct AppState {
+    /// Current routing snapshot; swapped by discovery, loaded per request.
+    pub snapshot: Arc<ArcSwap<EndpointSnapshot>>,
+    /// Pooled upstream client.
+    pub client: HttpClient,
+    pub proxy: ProxyConfig,
+    pub metrics: Metrics,
+    /// The registry `/metrics` encodes (every component's metrics, registered before start).
+    pub registry: Arc<Registry>,
+    /// Origin for scrape ages.
+    pub epoch: tokio::time::Instant,
+    /// Requests being proxied (retry budget base).
+    pub active_requests: AtomicU64,
+    /// Retries in progress (retry budget use).
+    pub active_retries: AtomicU64,
+    /// Set on SIGTERM: `/health` answers 503 so load balancers stop sending.
+    pub draining: AtomicBool,
+    /// `created` for `/v1/models` cards (Unix seconds at start).
+    pub created_unix: u64,
+    /// Metric label for requests naming no known model.
+    pub unknown_model: Arc<str>,
+}
+
+impl AppState {
+    /// Registers the router's metrics on `registry`, then freezes it for `/metrics`. `seed` seeds the per-thread
+    /// RNGs used for picks and ids (log it to replay decisions).
+    pub fn new(
+        config: &Config,
+        snapshot: Arc<ArcSwap<EndpointSnapshot>>,
+        client: HttpClient,
+        mut registry: Registry,
+        created_unix: u64,
+        seed: u64,
+    ) -> Arc<Self> {
+        SEED.store(seed, Ordering::Relaxed);
+        let metrics = Metrics::register(&mut registry);
+        Arc::new(Self {
+            snapshot,
+            client,
+            proxy: ProxyConfig::from_config(config),
+            metrics,
+            registry: Arc::new(registry),
+            epoch: tokio::time::Instant::now(),
+            active_requests: AtomicU64::new(0),
+            active_retries: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            created_unix,
+            unknown_model: Arc::from("other"),
+        })
+    }
+
+    /// Counts one answered request.
+    pub fn count(&self, model: &Arc<str>, status: u16) {
+        self.metrics
+            .requests
+            .get_or_create(&ModelStatus {
+                model: model.clone().into(),
+                status,
+            })
+            .inc();
+    }
+
+    /// Counts a retry when another attempt will follow.
+    pub fn retried(&self, model: &Arc<str>, reason: RetryReason, attempt: u32, max_attempts: u32) {
+        if attempt + 1 < max_attempts {
+            self.metrics
+                .retries
+                .get_or_create(&ModelRetry {
+                    model: model.clone().into(),
+                    reason,
+                })
+                .inc();
+        }
+    }
+}
+
+static SEED: AtomicU64 = AtomicU64::new(0x5EED);
+static THREADS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(
+        SEED.load(Ordering::Relaxed) ^ THREADS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ));
+}
+
+/// Runs `f` with this thread's seeded RNG (picks, weighted splits, ids). Never held across an `.await`.
+pub fn with_rng<R>(f: impl FnOnce(&mut SmallRng) -> R) -> R {
+    RNG.with(|r| f(&mut r.borrow_mut()))
+}
+
+/// An OpenAI-shaped error response with `x-request-id` and, for 429/503, `retry-after`.
+pub fn error_response(
+    e: &ApiError,
+    request_id: &HeaderValue,
+    retry_after: Option<u64>,
+) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = Response::new(Body::from(e.openai_json()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    let ra = retry_after.or((e.status == 429 || e.status == 503).then_some(1));
+    if let Some(s) = ra {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    r
+}
+
+fn request_id(req: &Request) -> HeaderValue {
+    if let Some(v) = req.headers().get("x-request-id")
+        && !v.is_empty()
+        && v.len() <= 128
+        && v.to_str().is_ok()
+    {
+        return v.clone();
+    }
+    let (a, b) = with_rng(|r| {
+        use rand_core::RngCore;
+        (r.next_u64(), r.next_u32())
+    });
+    HeaderValue::from_str(&format!("weir-{a:016x}{b:08x}"))
+        .unwrap_or(HeaderValue::from_static("weir-0"))
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        413,
+        "invalid_request_error",
+        format!("Request body is larger than the {limit}-byte limit."),
+    )
+    .with_code("request_too_large")
+}
+
+async fn completions(app: Arc<AppState>, api: Api, req: Request) -> Response {
+    let start = tokio::time::Instant::now();
+    let rid = request_id(&req);
+    let limit = app.proxy.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        app.count(&app.unknown_model, 413);
+        return error_response(&too_large(limit), &rid, None);
+    }
+    let (parts, body) = req.into_parts();
+    let span = tracing::info_span!("request", request_id = ?rid, api = api.path(), model = tracing::field::Empty);
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            let err = if over {
+                too_large(limit)
+            } else {
+                ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    format!("Could not read the request body: {e}"),
+                )
+                .with_code("invalid_body")
+            };
+            app.count(&app.unknown_model, err.status);
+            return error_response(&err, &rid, None);
+        }
+    };
+    let parsed = match parse_request(api, &bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            app.count(&app.unknown_model, e.status);
+            return error_response(&e, &rid, None);
+        }
+    };
+    span.record("model", parsed.model.as_str());
+    let snap = app.snapshot.load_full();
+    let fwd = Forward {
+        api,
+        headers: parts.headers,
+        body: bytes,
+        parsed,
+        request_id: rid,
+        start,
+    };
+    let resp = tracing::Instrument::instrument(forward(app.clone(), snap, fwd), span.clone()).await;
+    span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "answered"));
+    resp
+}
+
+async fn chat(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    completions(app, Api::Chat, req).await
+}
+
+async fn legacy(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    completions(app, Api::Completions, req).await
+}
+
+async fn models(State(app): State<Arc<AppState>>) -> Response {
+    let snap = app.snapshot.load();
+    let mut data = Vec::new();
+    for r in &snap.routes {
+        let root = r
+            .targets
+            .first()
+            .map(|t| snap.pools[t.pool].model.to_string());
+        for name in std::iter::once(&r.name).chain(&r.aliases) {
+            data.push(serde_json::json!({
+                "id": &**name, "object": "model", "created": app.created_unix, "owned_by": "weir",
+                "root": root, "parent": null,
+            }));
+        }
+    }
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+async fn health(State(app): State<Arc<AppState>>) -> Response {
+    if app.draining.load(Ordering::Relaxed) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+    .into_response()
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &app.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn debug_routes(State(app): State<Arc<AppState>>) -> Response {
+    let snap = app.snapshot.load();
+    let now = tokio::time::Instant::now();
+    let since = now.duration_since(app.epoch);
+    let routes: Vec<_> = snap
+        .routes
+        .iter()
+        .map(|r| {
+            let targets: Vec<_> = r
+                .targets
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "pool": &*snap.pools[t.pool].name,
+                        "weight": t.weight,
+                        "share": f64::from(t.weight) / r.total_weight as f64,
+                    })
+                })
+                .collect();
+            serde_json::json!({"name": &*r.name, "aliases": r.aliases.iter().map(|a| &**a).collect::<Vec<_>>(), "targets": targets})
+        })
+        .collect();
+    let pools: Vec<_> = snap
+        .pools
+        .iter()
+        .map(|p| {
+            let eps: Vec<_> = p
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let s = e.state.scraped(since, app.proxy.stale_after);
+                    serde_json::json!({
+                        "id": e.id.as_str(), "url": &*e.url, "role": e.role.as_str(),
+                        "in_flight": e.state.in_flight.load(Ordering::Relaxed),
+                        "breaker": e.state.breaker_state(now.into_std()).as_gauge(),
+                        "scraped": s.map(|s| serde_json::json!({
+                            "waiting": s.waiting, "running": s.running, "kv_usage": s.kv_usage, "age_ms": s.age_ms})),
+                    })
+                })
+                .collect();
+            serde_json::json!({"name": &*p.name, "model": &*p.model, "policy": p.pipeline.describe(), "endpoints": eps})
+        })
+        .collect();
+    axum::Json(serde_json::json!({"version": snap.version, "routes": routes, "pools": pools}))
+        .into_response()
+}
+
+async fn not_found(req: Request) -> Response {
+    let rid = request_id(&req);
+    let e = ApiError::new(
+        404,
+        "invalid_request_error",
+        format!("Unknown path {} {}.", req.method(), req.uri().path()),
+    )
+    .with_code("not_found");
+    error_response(&e, &rid, None)
+}
+
+/// The router's HTTP surface.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(legacy))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/debug/routes", get(debug_routes))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then drains: `/health` turns 503, no new connections are accepted, in-flight
+/// requests and streams may finish until `drain_timeout`, after which the remaining ones are dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain_timeout: Duration,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let st = state.clone();
+    let signal = async move {
+        shutdown.await;
+        st.draining.store(true, Ordering::Relaxed);
+        tracing::info!(
+            in_flight = st.active_requests.load(Ordering::Relaxed),
+            "draining"
+        );
+        let _ = tx.send(());
+    };
+    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(signal);
+    let deadline = async move {
+        if rx.await.is_ok() {
+            tokio::time::sleep(drain_timeout).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = server => r,
+        () = deadline => {
+            tracing::warn!(
+                in_flight = state.active_requests.load(Ordering::Relaxed),
+                "drain deadline passed; closing remaining requests"
+            );
+            Ok(())
+        }
+    }
+}

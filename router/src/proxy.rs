@@ -1,0 +1,888 @@
+//! Forwarding one request: pick an endpoint through the pool's pipeline, send with connect / first-byte / idle
+//! timeouts, retry on another endpoint before the first byte (under the retry budget), feed the circuit breakers,
+//! and turn every failure into an OpenAI-shaped error. Streaming bodies go through [`crate::sse`].
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use policies::endpoint::EndpointView;
+use policies::errors::ApiError;
+use policies::pick::RequestView;
+use serde::Deserialize;
+
+use crate::app::{AppState, error_response, with_rng};
+use crate::metrics::{EndpointLabel, ModelLabel, ModelTokens, RetryReason, TokenKind};
+use crate::snapshot::{EndpointSnapshot, Pool};
+use crate::sse::{SseScanner, StreamCtx, Usage, proxy_stream};
+use crate::state::EndpointState;
+
+/// The pooled upstream client (HTTP/1.1, keep-alive).
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A pooled client with the given connect timeout.
+pub fn http_client(connect_timeout: Duration) -> HttpClient {
+    let mut c = HttpConnector::new();
+    c.set_connect_timeout(Some(connect_timeout));
+    c.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(4096)
+        .build(c)
+}
+
+/// Which OpenAI API a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Chat,
+    Completions,
+}
+
+impl Api {
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// The fields the router reads from a request body; everything else passes through untouched.
+#[derive(Debug, Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptionsPeek>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    messages: Option<Vec<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    prompt: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    suffix: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptionsPeek {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+fn bad_request(message: impl Into<String>, param: Option<&str>, code: &str) -> ApiError {
+    let e = ApiError::new(400, "invalid_request_error", message).with_code(code);
+    match param {
+        Some(p) => e.with_param(p),
+        None => e,
+    }
+}
+
+/// A validated view of the request.
+#[derive(Debug)]
+pub struct Parsed {
+    pub model: String,
+    pub stream: bool,
+    pub client_wants_usage: bool,
+    pub has_stream_options: bool,
+    pub max_tokens: Option<u32>,
+}
+
+/// Checks the body is a JSON object with what `api` needs; errors are OpenAI-shaped 400s.
+pub fn parse_request(api: Api, body: &[u8]) -> Result<Parsed, ApiError> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(bad_request(
+            "Request body is not valid UTF-8.",
+            None,
+            "invalid_json",
+        ));
+    }
+    let p: Peek<'_> = serde_json::from_slice(body).map_err(|e| {
+        let msg = if e.is_data() {
+            format!("Invalid request body: {e}")
+        } else {
+            format!("We could not parse the JSON body of your request: {e}")
+        };
+        bad_request(msg, None, "invalid_json")
+    })?;
+    let model = match p.model {
+        Some(m) if !m.is_empty() => m.into_owned(),
+        _ => {
+            return Err(bad_request(
+                "You must provide a model parameter.",
+                Some("model"),
+                "missing_required_parameter",
+            ));
+        }
+    };
+    match api {
+        Api::Chat if p.messages.is_none() => {
+            return Err(bad_request(
+                "Missing required parameter: 'messages'.",
+                Some("messages"),
+                "missing_required_parameter",
+            ));
+        }
+        Api::Chat if p.messages.as_ref().is_some_and(Vec::is_empty) => {
+            return Err(bad_request(
+                "'messages' must not be empty.",
+                Some("messages"),
+                "invalid_value",
+            ));
+        }
+        Api::Completions if p.prompt.is_none() => {
+            return Err(bad_request(
+                "Missing required parameter: 'prompt'.",
+                Some("prompt"),
+                "missing_required_parameter",
+            ));
+        }
+        Api::Completions if p.suffix.is_some() => {
+            return Err(bad_request(
+                "suffix is not currently supported",
+                Some("suffix"),
+                "unsupported_parameter",
+            ));
+        }
+        _ => {}
+    }
+    let stream = p.stream.unwrap_or(false);
+    if p.stream_options.is_some() && !stream {
+        return Err(bad_request(
+            "Stream options can only be defined when `stream=True`.",
+            Some("stream_options"),
+            "invalid_value",
+        ));
+    }
+    Ok(Parsed {
+        model,
+        stream,
+        client_wants_usage: p
+            .stream_options
+            .as_ref()
+            .and_then(|s| s.include_usage)
+            .unwrap_or(false),
+        has_stream_options: p.stream_options.is_some(),
+        max_tokens: p.max_completion_tokens.or(p.max_tokens),
+    })
+}
+
+/// The body to send upstream: the original bytes when nothing changes; a byte splice when only
+/// `stream_options.include_usage` must be added; a re-serialisation when the model name changes too.
+pub fn upstream_body(
+    raw: &Bytes,
+    parsed: &Parsed,
+    upstream_model: &str,
+    inject_usage: bool,
+) -> Result<Bytes, ApiError> {
+    let rename = parsed.model != upstream_model;
+    if !rename && !inject_usage {
+        return Ok(raw.clone());
+    }
+    if !rename && !parsed.has_stream_options {
+        // `{` + `"stream_options":{"include_usage":true},` + rest; the object has at least `model`, so is not empty.
+        if let Some(open) = raw.iter().position(|&b| b == b'{') {
+            let mut out = Vec::with_capacity(raw.len() + 40);
+            out.extend_from_slice(&raw[..=open]);
+            out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+            out.extend_from_slice(&raw[open + 1..]);
+            return Ok(Bytes::from(out));
+        }
+    }
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw)
+        .map_err(|e| bad_request(format!("Invalid request body: {e}"), None, "invalid_json"))?;
+    if rename {
+        v.insert(
+            "model".into(),
+            serde_json::Value::String(upstream_model.to_string()),
+        );
+    }
+    if inject_usage {
+        let so = v
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(o) = so.as_object_mut() {
+            o.insert("include_usage".into(), serde_json::Value::Bool(true));
+        }
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::new(500, "server_error", e.to_string()))
+}
+
+/// Hop-by-hop and framing headers never forwarded in either direction.
+fn skip_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// A W3C `traceparent` for the upstream hop: keeps the caller's trace id (if the header is valid) with a new span id.
+pub fn traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
+    let (hi, lo, span) = with_rng(|r| {
+        use rand_core::RngCore;
+        (r.next_u64(), r.next_u64(), r.next_u64() | 1)
+    });
+    let parsed = incoming.and_then(|v| v.to_str().ok()).and_then(|s| {
+        let parts: Vec<&str> = s.split('-').collect();
+        let ok = parts.len() == 4
+            && parts[0].len() == 2
+            && parts[0] != "ff"
+            && parts[1].len() == 32
+            && parts[2].len() == 16
+            && parts[3].len() == 2
+            && parts
+                .iter()
+                .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
+            && parts[1] != "00000000000000000000000000000000";
+        ok.then(|| (parts[1].to_string(), parts[3].to_string()))
+    });
+    let (trace, flags) =
+        parsed.unwrap_or_else(|| (format!("{hi:016x}{lo:016x}"), "01".to_string()));
+    HeaderValue::from_str(&format!("00-{trace}-{span:016x}-{flags}")).unwrap_or(
+        HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-01"),
+    )
+}
+
+/// Releases the router's own counts for one endpoint attempt, and the breaker's half-open probe if no verdict came.
+struct Attempt {
+    state: Arc<EndpointState>,
+    tokens: u64,
+    verdict: bool,
+}
+
+impl Attempt {
+    fn new(state: Arc<EndpointState>, tokens: u64) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
+        Self {
+            state,
+            tokens,
+            verdict: false,
+        }
+    }
+    fn success(&mut self) {
+        self.verdict = true;
+        self.state.on_success();
+    }
+    fn failure(&mut self, now: std::time::Instant) {
+        self.verdict = true;
+        if self.state.on_failure(now) {
+            tracing::warn!("circuit breaker opened");
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state
+            .in_flight_tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
+        if !self.verdict {
+            self.state.on_abandoned();
+        }
+    }
+}
+
+/// Counts a request as active (retry budget, in-flight gauge) and observes its end-to-end time when dropped.
+pub struct RequestGuard {
+    app: Arc<AppState>,
+    model: Arc<str>,
+    start: tokio::time::Instant,
+}
+
+impl RequestGuard {
+    pub fn new(app: Arc<AppState>, model: Arc<str>, start: tokio::time::Instant) -> Self {
+        app.active_requests.fetch_add(1, Ordering::Relaxed);
+        app.metrics
+            .in_flight
+            .get_or_create(&ModelLabel {
+                model: model.clone().into(),
+            })
+            .inc();
+        Self { app, model, start }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.app.active_requests.fetch_sub(1, Ordering::Relaxed);
+        let l = ModelLabel {
+            model: self.model.clone().into(),
+        };
+        self.app.metrics.in_flight.get_or_create(&l).dec();
+        self.app
+            .metrics
+            .e2e
+            .get_or_create(&l)
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts one retry against the budget while it runs.
+struct RetryGuard<'a>(&'a AppState);
+
+impl Drop for RetryGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active_retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why the last attempt failed.
+enum Failure {
+    Timeout,
+    Connect(String),
+    Broken(String),
+    Status(StatusCode, HeaderMap, Bytes),
+}
+
+/// Maps an upstream error body (vLLM nested or flat shape, integer code) to weir's OpenAI shape, keeping the status.
+pub fn translate_upstream_error(status: StatusCode, body: &[u8]) -> ApiError {
+    #[derive(Deserialize)]
+    struct Inner {
+        #[serde(default)]
+        message: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Outer {
+        #[serde(default)]
+        error: Option<serde_json::Value>,
+        #[serde(default)]
+        message: Option<String>,
+    }
+    let message = serde_json::from_slice::<Outer>(body)
+        .ok()
+        .and_then(|o| match o.error {
+            Some(serde_json::Value::Object(m)) => {
+                serde_json::from_value::<Inner>(serde_json::Value::Object(m))
+                    .ok()
+                    .and_then(|i| i.message)
+            }
+            Some(serde_json::Value::String(s)) => Some(s),
+            _ => o.message,
+        })
+        .unwrap_or_else(|| format!("The model server answered {status}."));
+    let (kind, code) = match status.as_u16() {
+        400 | 422 => ("invalid_request_error", Some("invalid_value")),
+        401 => ("invalid_request_error", Some("invalid_api_key")),
+        403 => ("permission_error", Some("permission_denied")),
+        404 => ("invalid_request_error", Some("model_not_found")),
+        413 => ("invalid_request_error", Some("request_too_large")),
+        429 => ("requests", Some("rate_limit_exceeded")),
+        503 => ("server_error", Some("service_unavailable")),
+        s if s >= 500 => ("server_error", None),
+        _ => ("invalid_request_error", None),
+    };
+    let e = ApiError::new(status.as_u16(), kind, message);
+    match code {
+        Some(c) => e.with_code(c),
+        None => e,
+    }
+}
+
+async fn collect_limited(
+    body: hyper::body::Incoming,
+    limit: usize,
+    idle: Duration,
+) -> Result<Bytes, String> {
+    match tokio::time::timeout(idle, Limited::new(body, limit).collect()).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out reading the response body".into()),
+    }
+}
+
+fn usage_of(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct P {
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<P>(body).ok().and_then(|p| p.usage)
+}
+
+/// Time until the first breaker in the pool closes again, rounded up to whole seconds (at least 1).
+fn retry_after_secs(app: &AppState, pool: &Pool, now: std::time::Instant) -> u64 {
+    pool.endpoints
+        .iter()
+        .filter_map(|e| e.state.retry_after(now))
+        .min()
+        .map_or(1, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        .max(1)
+        .min(app.proxy.max_retry_after_secs)
+}
+
+/// Everything the proxy needs from a handler.
+pub struct Forward {
+    pub api: Api,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub parsed: Parsed,
+    pub request_id: HeaderValue,
+    pub start: tokio::time::Instant,
+}
+
+/// Routes and forwards one validated request; never panics, always answers.
+pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forward) -> Response {
+    let Forward {
+        api,
+        headers,
+        body,
+        parsed,
+        request_id,
+        start,
+    } = fwd;
+    let Some(route) = snap.route(&parsed.model).cloned() else {
+        app.count(&app.unknown_model, 404);
+        let e = ApiError::new(
+            404,
+            "invalid_request_error",
+            format!(
+                "The model `{}` does not exist or you do not have access to it.",
+                parsed.model
+            ),
+        )
+        .with_param("model")
+        .with_code("model_not_found");
+        return error_response(&e, &request_id, None);
+    };
+    let model = route.name.clone();
+    let guard = RequestGuard::new(app.clone(), model.clone(), start);
+    let target = if route.targets.len() == 1 {
+        route.targets[0]
+    } else {
+        route.pick_target(with_rng(|r| policies::pick::unit(r)))
+    };
+    let pool = &snap.pools[target.pool];
+    let inject_usage = parsed.stream && !parsed.client_wants_usage;
+    let up_body = match upstream_body(&body, &parsed, &pool.model, inject_usage) {
+        Ok(b) => b,
+        Err(e) => {
+            app.count(&model, e.status);
+            return error_response(&e, &request_id, None);
+        }
+    };
+    let est_tokens = body.len() as u64 / 4 + u64::from(parsed.max_tokens.unwrap_or(0));
+    let rv = RequestView {
+        prompt_tokens: (body.len() / 4) as u32,
+        max_tokens: parsed.max_tokens,
+    };
+    let trace = traceparent(headers.get("traceparent"));
+    let cfg = &app.proxy;
+    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    let mut last: Option<Failure> = None;
+
+    for attempt in 0..cfg.max_attempts {
+        let _retry_guard = if attempt > 0 {
+            let active = app.active_requests.load(Ordering::Relaxed);
+            let retries = app.active_retries.load(Ordering::Relaxed);
+            if !cfg.retry_budget.allows(active, retries) {
+                app.metrics.retry_budget_exhausted.inc();
+                break;
+            }
+            app.active_retries.fetch_add(1, Ordering::Relaxed);
+            Some(RetryGuard(&app))
+        } else {
+            None
+        };
+        let now = tokio::time::Instant::now();
+        let now_std = now.into_std();
+        let since = now.duration_since(app.epoch);
+        let views: Vec<EndpointView> = pool
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut v = e.state.view(i, e.role, now_std, since, cfg.stale_after);
+                if tried.contains(&i) {
+                    v.available = false;
+                }
+                v
+            })
+            .collect();
+        let choice = match with_rng(|r| pool.pipeline.select(&rv, &views, now_std, r)) {
+            Ok(c) => c,
+            Err(no) => {
+                if last.is_some() {
+                    break;
+                }
+                app.count(&model, 503);
+                let e = ApiError::new(
+                    503,
+                    "server_error",
+                    format!(
+                        "No model server is available for `{}` ({no}).",
+                        parsed.model
+                    ),
+                )
+                .with_code("service_unavailable");
+                return error_response(
+                    &e,
+                    &request_id,
+                    Some(retry_after_secs(&app, pool, now_std)),
+                );
+            }
+        };
+        tried.push(choice.index);
+        let ep = pool.endpoints[choice.index].clone();
+        if !ep.state.try_acquire(now_std) {
+            continue;
+        }
+        tracing::debug!(endpoint = %ep.id, attempt, scores = ?choice.scores, "picked");
+        app.metrics
+            .picks
+            .get_or_create(&EndpointLabel {
+                pool: pool.name.clone().into(),
+                endpoint: ep.id.0.clone().into(),
+            })
+            .inc();
+        let mut att = Attempt::new(ep.state.clone(), est_tokens);
+
+        let mut rb = Request::builder().method(Method::POST).uri(format!(
+            "http://{}{}",
+            ep.authority,
+            api.path()
+        ));
+        if let Some(h) = rb.headers_mut() {
+            h.reserve(headers.len() + 3);
+            for (k, v) in &headers {
+                if !skip_header(k) && k != "traceparent" && k != "x-request-id" {
+                    h.append(k.clone(), v.clone());
+                }
+            }
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+            h.insert(HeaderName::from_static("traceparent"), trace.clone());
+        }
+        let req = match rb.body(Full::new(up_body.clone())) {
+            Ok(r) => r,
+            Err(e) => {
+                att.verdict = true;
+                app.count(&model, 500);
+                let e = ApiError::new(
+                    500,
+                    "server_error",
+                    format!("could not build upstream request: {e}"),
+                );
+                return error_response(&e, &request_id, None);
+            }
+        };
+
+        let resp = match tokio::time::timeout(cfg.first_byte, app.client.request(req)).await {
+            Err(_) => {
+                att.failure(tokio::time::Instant::now().into_std());
+                app.retried(&model, RetryReason::Timeout, attempt, cfg.max_attempts);
+                last = Some(Failure::Timeout);
+                continue;
+            }
+            Ok(Err(e)) => {
+                att.failure(tokio::time::Instant::now().into_std());
+                let connect = e.is_connect();
+                let msg = format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                );
+                tracing::warn!(endpoint = %ep.id, error = %msg, "upstream request failed");
+                app.retried(
+                    &model,
+                    if connect {
+                        RetryReason::Connect
+                    } else {
+                        RetryReason::BrokenBody
+                    },
+                    attempt,
+                    cfg.max_attempts,
+                );
+                last = Some(if connect {
+                    Failure::Connect(msg)
+                } else {
+                    Failure::Broken(msg)
+                });
+                continue;
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            if status.is_server_error() {
+                att.failure(tokio::time::Instant::now().into_std());
+            } else {
+                att.success();
+            }
+            let (parts, b) = resp.into_parts();
+            let bytes = collect_limited(b, 64 << 10, cfg.idle)
+                .await
+                .unwrap_or_default();
+            app.retried(
+                &model,
+                if status.is_server_error() {
+                    RetryReason::Status5xx
+                } else {
+                    RetryReason::Status429
+                },
+                attempt,
+                cfg.max_attempts,
+            );
+            last = Some(Failure::Status(status, parts.headers, bytes));
+            continue;
+        }
+
+        let is_sse = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let (parts, upstream) = resp.into_parts();
+        let mut out = Response::builder().status(status);
+        if let Some(h) = out.headers_mut() {
+            for (k, v) in &parts.headers {
+                if !skip_header(k) && k != "x-request-id" {
+                    h.append(k.clone(), v.clone());
+                }
+            }
+            h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+            if let Ok(v) = HeaderValue::from_str(ep.id.as_str()) {
+                h.insert(HeaderName::from_static("x-weir-endpoint"), v);
+            }
+        }
+
+        if is_sse && status.is_success() {
+            att.success();
+            app.count(&model, status.as_u16());
+            let failed_state = ep.state.clone();
+            let ctx = StreamCtx {
+                scanner: SseScanner::new(inject_usage),
+                idle: cfg.idle,
+                model: model.clone(),
+                metrics: app.metrics.clone(),
+                start,
+                guards: Box::new((att, guard)),
+                on_upstream_failure: Box::new(move || {
+                    failed_state.on_failure(tokio::time::Instant::now().into_std());
+                }),
+            };
+            let body = Body::from_stream(proxy_stream(upstream, ctx));
+            return out
+                .body(body)
+                .unwrap_or_else(|_| Response::new(Body::empty()));
+        }
+
+        let bytes = match collect_limited(upstream, app.proxy.max_response_bytes, cfg.idle).await {
+            Ok(b) => b,
+            Err(e) => {
+                att.failure(tokio::time::Instant::now().into_std());
+                app.retried(&model, RetryReason::BrokenBody, attempt, cfg.max_attempts);
+                last = Some(Failure::Broken(e));
+                continue;
+            }
+        };
+        att.success();
+        if status.is_success() {
+            if let Some(u) = usage_of(&bytes) {
+                app.metrics
+                    .tokens
+                    .get_or_create(&ModelTokens {
+                        model: model.clone().into(),
+                        kind: TokenKind::Prompt,
+                    })
+                    .inc_by(u.prompt_tokens);
+                app.metrics
+                    .tokens
+                    .get_or_create(&ModelTokens {
+                        model: model.clone().into(),
+                        kind: TokenKind::Completion,
+                    })
+                    .inc_by(u.completion_tokens);
+            }
+            app.count(&model, status.as_u16());
+            return out
+                .body(Body::from(bytes))
+                .unwrap_or_else(|_| Response::new(Body::empty()));
+        }
+        // A 4xx from the model server: the endpoint is healthy, the request is not. Translate to OpenAI shape.
+        let e = translate_upstream_error(status, &bytes);
+        app.count(&model, e.status);
+        return error_response(&e, &request_id, None);
+    }
+
+    drop(guard);
+    let now_std = tokio::time::Instant::now().into_std();
+    let (e, retry_after) = match last {
+        Some(Failure::Timeout) => (
+            ApiError::new(
+                504,
+                "server_error",
+                "The model server did not answer in time.",
+            )
+            .with_code("gateway_timeout"),
+            None,
+        ),
+        Some(Failure::Connect(m)) => (
+            ApiError::new(
+                503,
+                "server_error",
+                format!("No model server could be reached: {m}"),
+            )
+            .with_code("service_unavailable"),
+            Some(retry_after_secs(&app, pool, now_std)),
+        ),
+        Some(Failure::Broken(m)) => (
+            ApiError::new(502, "server_error", format!("The model server failed: {m}"))
+                .with_code("bad_gateway"),
+            None,
+        ),
+        Some(Failure::Status(s, h, b)) => {
+            let ra =
+                h.get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .or((s == StatusCode::TOO_MANY_REQUESTS
+                        || s == StatusCode::SERVICE_UNAVAILABLE)
+                        .then_some(1));
+            (translate_upstream_error(s, &b), ra)
+        }
+        None => (
+            ApiError::new(503, "server_error", "No model server is available.")
+                .with_code("service_unavailable"),
+            Some(retry_after_secs(&app, pool, now_std)),
+        ),
+    };
+    app.count(&model, e.status);
+    error_response(&e, &request_id, retry_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_bodies_with_openai_errors() {
+        let e = parse_request(Api::Chat, b"{not json").unwrap_err();
+        assert_eq!((e.status, e.code.as_deref()), (400, Some("invalid_json")));
+        let e = parse_request(Api::Chat, b"[1,2]").unwrap_err();
+        assert_eq!(e.status, 400);
+        let e = parse_request(
+            Api::Chat,
+            br#"{"messages":[{"role":"user","content":"x"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("model"));
+        let e = parse_request(Api::Chat, br#"{"model":"m"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = parse_request(
+            Api::Completions,
+            br#"{"model":"m","prompt":"x","suffix":"y"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("unsupported_parameter"));
+        let e = parse_request(
+            Api::Completions,
+            br#"{"model":"m","prompt":"x","stream_options":{}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stream_options"));
+        let e =
+            parse_request(Api::Completions, b"{\"model\":\"m\xff\",\"prompt\":\"x\"}").unwrap_err();
+        assert_eq!(e.status, 400);
+        let e = parse_request(Api::Completions, br#"{"model":7,"prompt":"x"}"#).unwrap_err();
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn body_is_forwarded_untouched_when_nothing_changes() {
+        let raw = Bytes::from_static(br#"{"model":"m","prompt":"x","max_tokens":3}"#);
+        let p = parse_request(Api::Completions, &raw).unwrap();
+        assert_eq!(p.max_tokens, Some(3));
+        let out = upstream_body(&raw, &p, "m", false).unwrap();
+        assert_eq!(out.as_ptr(), raw.as_ptr());
+    }
+
+    #[test]
+    fn usage_is_spliced_in_and_model_rewritten() {
+        let raw = Bytes::from_static(br#" {"model":"m","prompt":"x","stream":true}"#);
+        let p = parse_request(Api::Completions, &raw).unwrap();
+        let out = upstream_body(&raw, &p, "m", true).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["prompt"], "x");
+        let out = upstream_body(&raw, &p, "upstream-m", true).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (
+                v["model"].as_str(),
+                v["stream_options"]["include_usage"].as_bool()
+            ),
+            (Some("upstream-m"), Some(true))
+        );
+        let raw = Bytes::from_static(br#"{"model":"m","prompt":"x","stream":true,"stream_options":{"continuous_usage_stats":true}}"#);
+        let p = parse_request(Api::Completions, &raw).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&upstream_body(&raw, &p, "m", true).unwrap()).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"continuous_usage_stats": true, "include_usage": true})
+        );
+    }
+
+    #[test]
+    fn vllm_errors_become_openai_errors() {
+        let e = translate_upstream_error(
+            StatusCode::NOT_FOUND,
+            br#"{"error":{"message":"The model `x` does not exist.","type":"NotFoundError","param":null,"code":404}}"#,
+        );
+        let v: serde_json::Value = serde_json::from_str(&e.openai_json()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["message"], "The model `x` does not exist.");
+        let e = translate_upstream_error(
+            StatusCode::BAD_REQUEST,
+            br#"{"object":"error","message":"flat","code":400}"#,
+        );
+        assert_eq!(e.message, "flat");
+        let e = translate_upstream_error(StatusCode::BAD_GATEWAY, b"<html>");
+        assert_eq!(e.status, 502);
+    }
+
+    #[test]
+    fn traceparent_keeps_trace_id_or_makes_one() {
+        let inc =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let out = traceparent(Some(&inc));
+        let s = out.to_str().unwrap();
+        assert!(s.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(!s.contains("00f067aa0ba902b7"));
+        let made = traceparent(Some(&HeaderValue::from_static("garbage")));
+        let parts: Vec<&str> = made.to_str().unwrap().split('-').collect();
+        assert_eq!((parts.len(), parts[1].len(), parts[2].len()), (4, 32, 16));
+    }
+}

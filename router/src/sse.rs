@@ -1,0 +1,350 @@
+//! Server-sent-event pass-through: splits upstream bytes into `data:` events without re-encoding them, notices the
+//! usage chunk, `[DONE]` and error events, and drops the usage chunk when weir (not the client) asked for it.
+//! [`SseScanner`] is pure; [`proxy_stream`] wraps an upstream body with idle timeout, metrics and a clean ending
+//! (`data: {"error":..}` then `data: [DONE]`) when the backend breaks mid-stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use crate::metrics::{ModelLabel, ModelOutcome, ModelTokens, StreamOutcome, TokenKind};
+
+/// Token usage reported by the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct UsagePeek {
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+}
+
+/// What one [`SseScanner::push`] saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PushStats {
+    /// Events with choices (tokens) forwarded in this push.
+    pub token_events: u32,
+}
+
+/// Splits an SSE byte stream into events and inspects each.
+#[derive(Debug, Default)]
+pub struct SseScanner {
+    /// Bytes of an event not yet terminated by a blank line.
+    buf: BytesMut,
+    /// Drop the final usage-only chunk (`"choices":[]` with `usage`) because weir injected `include_usage`.
+    strip_usage: bool,
+    /// Final usage, once seen.
+    pub usage: Option<Usage>,
+    /// `data: [DONE]` was seen.
+    pub saw_done: bool,
+    /// An error event was seen.
+    pub saw_error: bool,
+}
+
+fn find_event_end(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\n\n").map(|p| p + 2)
+}
+
+impl SseScanner {
+    pub fn new(strip_usage: bool) -> Self {
+        Self {
+            strip_usage,
+            ..Self::default()
+        }
+    }
+
+    /// Feeds upstream bytes; returns the complete events to forward (possibly empty) and what they held.
+    pub fn push(&mut self, chunk: &[u8]) -> (Bytes, PushStats) {
+        self.buf.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        let mut stats = PushStats::default();
+        while let Some(end) = find_event_end(&self.buf) {
+            let ev = self.buf.split_to(end);
+            if self.keep(&ev, &mut stats) {
+                // O(1) when consecutive events are all kept (they are contiguous in one allocation).
+                out.unsplit(ev);
+            }
+        }
+        (out.freeze(), stats)
+    }
+
+    /// Whatever is buffered without a terminating blank line (a truncated event).
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn keep(&mut self, ev: &[u8], stats: &mut PushStats) -> bool {
+        let text = ev.strip_suffix(b"\n\n").unwrap_or(ev);
+        let Some(payload) = text.strip_prefix(b"data:") else {
+            return true;
+        };
+        let payload = payload.trim_ascii();
+        if payload == b"[DONE]" {
+            self.saw_done = true;
+            return true;
+        }
+        if payload.starts_with(b"{\"error\"") {
+            self.saw_error = true;
+            return true;
+        }
+        let has_usage = memchr_sub(payload, b"\"usage\":{") || memchr_sub(payload, b"\"usage\": {");
+        if !has_usage {
+            stats.token_events += 1;
+            return true;
+        }
+        match serde_json::from_slice::<UsagePeek>(payload) {
+            Ok(p) => {
+                let usage_only = p.choices.as_ref().is_some_and(Vec::is_empty);
+                if let Some(u) = p.usage {
+                    self.usage = Some(u);
+                }
+                if usage_only {
+                    !self.strip_usage
+                } else {
+                    stats.token_events += 1;
+                    true
+                }
+            }
+            Err(_) => true,
+        }
+    }
+}
+
+fn memchr_sub(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The error event weir appends when a stream cannot finish normally.
+pub fn error_event(message: &str, kind: &str, code: &str) -> Bytes {
+    let e = policies::errors::ApiError::new(502, kind, message).with_code(code);
+    Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", e.openai_json()))
+}
+
+/// Everything the stream adapter needs besides the upstream body.
+pub struct StreamCtx {
+    pub scanner: SseScanner,
+    pub idle: Duration,
+    pub model: Arc<str>,
+    pub metrics: crate::metrics::Metrics,
+    /// When the request arrived, for TTFT.
+    pub start: tokio::time::Instant,
+    /// Dropped when the stream ends or the client goes away: releases in-flight counts.
+    pub guards: Box<dyn std::any::Any + Send + Sync>,
+    /// Called once if the backend fails mid-stream (breaker failure).
+    pub on_upstream_failure: Box<dyn FnOnce() + Send + Sync>,
+}
+
+struct StreamState<B> {
+    upstream: B,
+    ctx: StreamCtx,
+    last_event: Option<tokio::time::Instant>,
+    finished: bool,
+    outcome: StreamOutcome,
+}
+
+impl<B> Drop for StreamState<B> {
+    fn drop(&mut self) {
+        let outcome = if self.finished {
+            self.outcome
+        } else {
+            StreamOutcome::Cancelled
+        };
+        self.ctx
+            .metrics
+            .stream_outcomes
+            .get_or_create(&ModelOutcome {
+                model: self.ctx.model.clone().into(),
+                outcome,
+            })
+            .inc();
+        if let Some(u) = self.ctx.scanner.usage {
+            let m = &self.ctx.metrics;
+            m.tokens
+                .get_or_create(&ModelTokens {
+                    model: self.ctx.model.clone().into(),
+                    kind: TokenKind::Prompt,
+                })
+                .inc_by(u.prompt_tokens);
+            m.tokens
+                .get_or_create(&ModelTokens {
+                    model: self.ctx.model.clone().into(),
+                    kind: TokenKind::Completion,
+                })
+                .inc_by(u.completion_tokens);
+        }
+    }
+}
+
+/// Forwards an upstream SSE body event by event. Dropping the returned stream (client gone) drops the upstream body,
+/// which closes that connection, which makes vLLM abort the request.
+pub fn proxy_stream<B>(
+    upstream: B,
+    ctx: StreamCtx,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display,
+{
+    let st = StreamState {
+        upstream,
+        ctx,
+        last_event: None,
+        finished: false,
+        outcome: StreamOutcome::Complete,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if st.finished {
+                return None;
+            }
+            match tokio::time::timeout(st.ctx.idle, st.upstream.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let (out, stats) = st.ctx.scanner.push(&data);
+                    if stats.token_events > 0 {
+                        let now = tokio::time::Instant::now();
+                        let label = ModelLabel {
+                            model: st.ctx.model.clone().into(),
+                        };
+                        match st.last_event {
+                            None => st
+                                .ctx
+                                .metrics
+                                .ttft
+                                .get_or_create(&label)
+                                .observe(now.duration_since(st.ctx.start).as_secs_f64()),
+                            Some(prev) => {
+                                let gap = now.duration_since(prev).as_secs_f64()
+                                    / f64::from(stats.token_events);
+                                let h = st.ctx.metrics.itl.get_or_create(&label);
+                                for _ in 0..stats.token_events {
+                                    h.observe(gap);
+                                }
+                            }
+                        }
+                        st.last_event = Some(now);
+                    }
+                    if st.ctx.scanner.saw_error {
+                        st.outcome = StreamOutcome::UpstreamError;
+                    }
+                    if !out.is_empty() {
+                        return Some((Ok(out), st));
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream stream broke");
+                    st.finished = true;
+                    st.outcome = StreamOutcome::UpstreamError;
+                    (std::mem::replace(&mut st.ctx.on_upstream_failure, Box::new(|| ())))();
+                    let tail = if st.ctx.scanner.saw_done {
+                        Bytes::new()
+                    } else {
+                        error_event(
+                            "the model server failed mid-stream",
+                            "server_error",
+                            "upstream_error",
+                        )
+                    };
+                    return Some((Ok(tail), st));
+                }
+                Ok(None) => {
+                    st.finished = true;
+                    if st.ctx.scanner.saw_done {
+                        return None;
+                    }
+                    st.outcome = StreamOutcome::Truncated;
+                    (std::mem::replace(&mut st.ctx.on_upstream_failure, Box::new(|| ())))();
+                    return Some((
+                        Ok(error_event(
+                            "the model server ended the stream early",
+                            "server_error",
+                            "upstream_error",
+                        )),
+                        st,
+                    ));
+                }
+                Err(_) => {
+                    st.finished = true;
+                    st.outcome = StreamOutcome::IdleTimeout;
+                    (std::mem::replace(&mut st.ctx.on_upstream_failure, Box::new(|| ())))();
+                    return Some((
+                        Ok(error_event(
+                            "the model server stopped sending tokens",
+                            "server_error",
+                            "upstream_timeout",
+                        )),
+                        st,
+                    ));
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: &str =
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+    const USAGE: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    #[test]
+    fn strips_injected_usage_chunk_and_records_usage() {
+        let mut s = SseScanner::new(true);
+        let all = format!("{CHUNK}{CHUNK}{USAGE}{DONE}");
+        let (out, stats) = s.push(all.as_bytes());
+        assert_eq!(out, Bytes::from(format!("{CHUNK}{CHUNK}{DONE}")));
+        assert_eq!(stats.token_events, 2);
+        assert_eq!(
+            s.usage,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 2
+            })
+        );
+        assert!(s.saw_done);
+    }
+
+    #[test]
+    fn keeps_usage_chunk_when_the_client_asked() {
+        let mut s = SseScanner::new(false);
+        let (out, _) = s.push(format!("{USAGE}{DONE}").as_bytes());
+        assert_eq!(out, Bytes::from(format!("{USAGE}{DONE}")));
+    }
+
+    #[test]
+    fn events_split_across_chunks_are_reassembled_byte_for_byte() {
+        let all = format!("{CHUNK}{USAGE}{CHUNK}{DONE}");
+        for cut in 1..all.len() {
+            let mut s = SseScanner::new(false);
+            let (a, _) = s.push(&all.as_bytes()[..cut]);
+            let (b, _) = s.push(&all.as_bytes()[cut..]);
+            let mut joined = a.to_vec();
+            joined.extend_from_slice(&b);
+            assert_eq!(joined, all.as_bytes(), "cut at {cut}");
+            assert_eq!(s.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn notices_error_events() {
+        let mut s = SseScanner::new(true);
+        s.push(b"data: {\"error\":{\"message\":\"boom\"}}\n\n");
+        assert!(s.saw_error);
+    }
+}

@@ -1,0 +1,181 @@
+//! `weir serve`: the OpenAI-compatible router in front of vLLM-compatible model servers.
+//!
+//! Configuration comes from a YAML file (`--config`, schema in `router::config`) and/or flags; flags override the
+//! file. On start it prints one JSON line to stdout, `{"listen":"http://127.0.0.1:PORT"}`, so scripts and tests can
+//! bind port 0 and find the router. SIGTERM or Ctrl-C drains: `/health` goes 503, new connections are refused, and
+//! in-flight streams get until `drain_timeout` to finish.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use router::config::{RawConfig, RawPolicy};
+use router::discovery::Discovery;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// YAML config file (see `router::config` for the schema).
+    #[arg(long, env = "WEIR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address, e.g. 0.0.0.0:8080 (port 0 picks a free port).
+    #[arg(long, env = "WEIR_LISTEN")]
+    listen: Option<String>,
+    /// A pool of static backends: `model=http://host:port[,http://host:port..]`. Repeatable.
+    #[arg(long = "backend")]
+    backends: Vec<String>,
+    /// Policy for pools that do not set one: round-robin, random, least-requests, power-of-two.
+    #[arg(long)]
+    policy: Option<String>,
+    /// Upstream connect timeout (e.g. 1s).
+    #[arg(long)]
+    connect_timeout: Option<String>,
+    /// Time allowed until the upstream response head (e.g. 300s).
+    #[arg(long)]
+    first_byte_timeout: Option<String>,
+    /// Longest silence allowed between upstream body chunks (e.g. 120s).
+    #[arg(long)]
+    idle_timeout: Option<String>,
+    /// Attempts per request including the first (1 disables retries).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Consecutive failures that open an endpoint's circuit breaker.
+    #[arg(long)]
+    breaker_threshold: Option<u32>,
+    /// First ejection of an open breaker (doubles per failed probe).
+    #[arg(long)]
+    breaker_base_ejection: Option<String>,
+    /// Metrics scrape interval (e.g. 100ms).
+    #[arg(long)]
+    scrape_interval: Option<String>,
+    /// How long SIGTERM waits for in-flight requests.
+    #[arg(long)]
+    drain_timeout: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long)]
+    max_body_bytes: Option<u64>,
+    /// Seed for pick randomness (default: from the clock; logged).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads (default: number of cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn raw_policy(name: &str) -> anyhow::Result<RawPolicy> {
+    Ok(match name {
+        "round-robin" => RawPolicy::RoundRobin,
+        "random" => RawPolicy::Random,
+        "least-requests" => RawPolicy::LeastRequests,
+        "power-of-two" => RawPolicy::PowerOfTwo,
+        other => anyhow::bail!(
+            "unknown --policy `{other}` (round-robin, random, least-requests, power-of-two)"
+        ),
+    })
+}
+
+/// The one wall-clock read of this command: Unix seconds for `/v1/models` and the default seed.
+#[allow(clippy::disallowed_methods)]
+fn wall_clock() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn build_config(args: &ServeArgs) -> anyhow::Result<router::config::Config> {
+    let mut raw = match &args.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            RawConfig::from_yaml(&text)?
+        }
+        None => RawConfig::default(),
+    };
+    for b in &args.backends {
+        raw.add_backend_flag(b)?;
+    }
+    if let Some(p) = &args.policy {
+        let pol = raw_policy(p)?;
+        for pool in raw.pools.iter_mut().filter(|p| p.policy.is_none()) {
+            pool.policy = Some(pol.clone());
+        }
+    }
+    if args.listen.is_some() {
+        raw.listen.clone_from(&args.listen);
+    }
+    let set = |dst: &mut Option<String>, src: &Option<String>| {
+        if src.is_some() {
+            dst.clone_from(src);
+        }
+    };
+    set(&mut raw.timeouts.connect, &args.connect_timeout);
+    set(&mut raw.timeouts.first_byte, &args.first_byte_timeout);
+    set(&mut raw.timeouts.idle, &args.idle_timeout);
+    set(&mut raw.breaker.base_ejection, &args.breaker_base_ejection);
+    set(&mut raw.scrape.interval, &args.scrape_interval);
+    set(&mut raw.drain_timeout, &args.drain_timeout);
+    if args.max_attempts.is_some() {
+        raw.retry.max_attempts = args.max_attempts;
+    }
+    if args.breaker_threshold.is_some() {
+        raw.breaker.failure_threshold = args.breaker_threshold;
+    }
+    if args.max_body_bytes.is_some() {
+        raw.max_body_bytes = args.max_body_bytes;
+    }
+    Ok(raw.validate()?)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = build_config(&args)?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.build().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let now = wall_clock();
+        let seed = args.seed.unwrap_or(now.as_nanos() as u64 ^ u64::from(std::process::id()));
+        let mut discovery = Discovery::new();
+        discovery.add_static(&config);
+        let registry = prometheus_client::registry::Registry::default();
+        let state = router::start(&config, discovery, registry, now.as_secs(), seed);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, seed, pools = config.pools.len(), routes = config.routes.len(), "weir serve listening");
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::json!({"listen": format!("http://{addr}")}))?;
+            out.flush()?;
+        }
+        router::app::serve(listener, state, shutdown_signal(), config.drain_timeout).await?;
+        tracing::info!("weir serve stopped");
+        Ok(())
+    })
+}
