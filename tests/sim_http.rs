@@ -1,6 +1,8 @@
 //! End-to-end: the real `weir sim` binary over HTTP — SSE framing, both APIs, prefix-cache metrics, bad inputs,
 //! fault hooks.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 

@@ -1,6 +1,8 @@
 //! End-to-end: a ZMQ subscriber rebuilding the block set from `weir sim`'s KV events (with replay filling the gap
 //! before the subscription took effect) ends equal to the engine's cached set, across evictions and a cache reset.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

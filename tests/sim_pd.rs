@@ -1,6 +1,8 @@
 //! End-to-end P/D: a prefill pod and a decode pod (two processes) answer with the same tokens as one `both` pod, and
 //! the decode pod's TTFT reflects the KV transfer rather than a prefill.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
