@@ -21,7 +21,7 @@ impl Sim {
                 "--port",
                 "0",
                 "--time-scale",
-                "50",
+                "10",
                 "--startup-delay",
                 "0",
                 "--jitter",
