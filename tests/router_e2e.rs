@@ -1,0 +1,406 @@
+//! End-to-end: the real `weir serve` binary in front of real `weir sim` processes on loopback — both APIs streaming
+//! and not, usage stripping, cancellation reaching the engine, every fault hook, breaker opening, drain on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// A child process killed on drop.
+struct Proc {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `weir <args>` and reads its first stdout line as JSON; `pick` extracts the URL.
+fn spawn(args: &[&str], pick: impl Fn(&Value) -> Option<String>) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn weir");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad json {line:?}: {e}"));
+    let url = pick(&v).unwrap_or_else(|| panic!("no url in {v}"));
+    Proc { child, url }
+}
+
+fn sim(extra: &[&str]) -> Proc {
+    sim_at("50", extra)
+}
+
+/// A sim at `scale` model-seconds per real second (1 = real GPU speed, for tests that need long streams).
+fn sim_at(scale: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "sim",
+        "--port",
+        "0",
+        "--time-scale",
+        scale,
+        "--startup-delay",
+        "0",
+    ];
+    args.extend_from_slice(&["--served-model-name", "m"]);
+    args.extend_from_slice(extra);
+    spawn(&args, |v| {
+        v["endpoints"][0]["url"].as_str().map(str::to_string)
+    })
+}
+
+fn serve(backends: &[&Proc], extra: &[&str]) -> Proc {
+    let urls: Vec<&str> = backends.iter().map(|p| p.url.as_str()).collect();
+    let backend = format!("m={}", urls.join(","));
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &backend,
+        "--scrape-interval",
+        "50ms",
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args, |v| v["listen"].as_str().map(str::to_string))
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+async fn post(
+    url: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut r = client().post(url).json(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let res = r.send().await.expect("send");
+    let status = res.status().as_u16();
+    let h = res.headers().clone();
+    (status, h, res.text().await.expect("body"))
+}
+
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("text")
+}
+
+/// Polls `check` until it is true or `secs` pass.
+async fn eventually(secs: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn data_events(sse: &str) -> Vec<&str> {
+    sse.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect()
+}
+
+#[tokio::test]
+async fn both_apis_stream_and_not_with_usage_stripped_unless_asked() {
+    let a = sim(&[]);
+    let b = sim(&[]);
+    let r = serve(&[&a, &b], &[]);
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5,
+        "ignore_eos": true});
+    let comp = json!({"model": "m", "prompt": "hello there", "max_tokens": 5, "ignore_eos": true});
+    for (path, body) in [("/v1/chat/completions", &chat), ("/v1/completions", &comp)] {
+        let (st, h, text) = post(
+            &format!("{}{path}", r.url),
+            body,
+            &[("x-request-id", "req-1")],
+        )
+        .await;
+        assert_eq!(st, 200, "{text}");
+        assert_eq!(h["x-request-id"], "req-1");
+        let v: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["usage"]["completion_tokens"], 5, "{text}");
+
+        let mut streaming = body.clone();
+        streaming["stream"] = json!(true);
+        let (st, h, text) = post(&format!("{}{path}", r.url), &streaming, &[]).await;
+        assert_eq!(st, 200);
+        assert!(
+            h["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let evs = data_events(&text);
+        assert_eq!(evs.last(), Some(&"[DONE]"), "{text}");
+        assert!(
+            !text.contains("\"usage\":{"),
+            "usage leaked to a client that did not ask: {text}"
+        );
+
+        streaming["stream_options"] = json!({"include_usage": true});
+        let (_, _, text) = post(&format!("{}{path}", r.url), &streaming, &[]).await;
+        let with_usage = data_events(&text)
+            .iter()
+            .filter(|e| e.contains("\"usage\":{"))
+            .count();
+        assert_eq!(with_usage, 1, "{text}");
+    }
+    let m = get_text(&format!("{}/metrics", r.url)).await;
+    assert!(
+        metric_sum(&m, "weir_tokens_total", "Completion") >= 30.0,
+        "{m}"
+    );
+    assert!(metric_sum(&m, "weir_endpoint_picks_total", "pool=\"m\"") >= 6.0);
+    let models: Value =
+        serde_json::from_str(&get_text(&format!("{}/v1/models", r.url)).await).unwrap();
+    assert_eq!(models["data"][0]["id"], "m");
+}
+
+#[tokio::test]
+async fn client_disconnect_aborts_the_request_on_the_engine() {
+    let s = sim_at("1", &[]);
+    let r = serve(&[&s], &[]);
+    let body = json!({"model": "m", "prompt": "tell me a long story", "max_tokens": 2000, "ignore_eos": true,
+        "stream": true});
+    let res = client()
+        .post(format!("{}/v1/completions", r.url))
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    let mut stream = res.bytes_stream();
+    let first = stream.next().await.expect("a chunk").expect("bytes");
+    assert!(!first.is_empty());
+    drop(stream);
+    let metrics = format!("{}/metrics", s.url);
+    eventually(10, "the sim to count an abort", async || {
+        let m = get_text(&metrics).await;
+        metric_sum(
+            &m,
+            "vllm:request_success_total",
+            "finished_reason=\"abort\"",
+        ) >= 1.0
+            && metric_sum(&m, "vllm:num_requests_running", "model_name") == 0.0
+    })
+    .await;
+    let rm = format!("{}/metrics", r.url);
+    eventually(5, "the router to count the cancelled stream", async || {
+        metric_sum(
+            &get_text(&rm).await,
+            "weir_stream_outcomes_total",
+            "Cancelled",
+        ) >= 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn hung_backend_is_a_504_in_openai_shape() {
+    let s = sim(&["--hang-rate", "100"]);
+    let r = serve(&[&s], &["--first-byte-timeout", "300ms"]);
+    let (st, h, text) = post(
+        &format!("{}/v1/completions", r.url),
+        &json!({"model": "m", "prompt": "x"}),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 504, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["code"], "gateway_timeout");
+    assert!(h.contains_key("x-request-id"));
+}
+
+#[tokio::test]
+async fn midstream_error_and_crash_end_with_error_then_done() {
+    let body =
+        json!({"model": "m", "prompt": "x", "max_tokens": 50, "ignore_eos": true, "stream": true});
+    for flag in [["--midstream-error-rate", "100"], ["--crash-rate", "100"]] {
+        let s = sim(&flag);
+        let r = serve(&[&s], &[]);
+        let (st, _, text) = post(&format!("{}/v1/completions", r.url), &body, &[]).await;
+        if st == 200 {
+            let evs = data_events(&text);
+            assert_eq!(evs.last(), Some(&"[DONE]"), "{flag:?}: {text}");
+            assert!(
+                evs[evs.len() - 2].starts_with("{\"error\""),
+                "{flag:?}: {text}"
+            );
+        } else {
+            // The crash came before the response head: a clean OpenAI error instead.
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{flag:?} {st}: {text}: {e}"));
+            assert!(v["error"]["message"].is_string(), "{flag:?}: {text}");
+            assert!(st >= 500, "{flag:?}: {st}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn injected_errors_keep_status_in_openai_shape() {
+    let s = sim(&[]);
+    let r = serve(&[&s], &[]);
+    let body = json!({"model": "m", "prompt": "x"});
+    for (status, code) in [
+        ("429", "rate_limit_exceeded"),
+        ("503", "service_unavailable"),
+        ("400", "invalid_value"),
+    ] {
+        let (st, h, text) = post(
+            &format!("{}/v1/completions", r.url),
+            &body,
+            &[("X-Return-Error", status)],
+        )
+        .await;
+        assert_eq!(st.to_string(), status, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], code, "{text}");
+        if status != "400" {
+            assert!(h.contains_key("retry-after"), "{status}");
+        }
+    }
+    let (st, _, text) = post(
+        &format!("{}/v1/completions", r.url),
+        &json!({"model": "zzz", "prompt": "x"}),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 404);
+    assert!(text.contains("model_not_found"));
+}
+
+#[tokio::test]
+async fn failing_pod_is_ejected_and_traffic_flows_to_the_healthy_one() {
+    let good = sim(&[]);
+    let bad = sim(&["--error-rate", "100", "--error-kinds", "server_error"]);
+    let r = serve(
+        &[&good, &bad],
+        &["--breaker-threshold", "2", "--breaker-base-ejection", "30s"],
+    );
+    let body = json!({"model": "m", "prompt": "x", "max_tokens": 2});
+    for _ in 0..10 {
+        let (st, _, text) = post(&format!("{}/v1/completions", r.url), &body, &[]).await;
+        assert_eq!(st, 200, "{text}");
+    }
+    let m = format!("{}/metrics", r.url);
+    let bad_id = bad.url.trim_start_matches("http://").to_string();
+    eventually(5, "the bad pod's breaker to show open", async || {
+        let t = get_text(&m).await;
+        metric_sum(
+            &t,
+            "weir_endpoint_breaker_state",
+            &format!("endpoint=\"{bad_id}\""),
+        ) == 1.0
+    })
+    .await;
+    let t = get_text(&m).await;
+    assert_eq!(
+        metric_sum(
+            &t,
+            "weir_endpoint_picks_total",
+            &format!("endpoint=\"{bad_id}\"")
+        ),
+        2.0,
+        "{t}"
+    );
+}
+
+#[tokio::test]
+async fn all_pods_down_is_503_with_retry_after() {
+    let s = sim(&[]);
+    let r = serve(&[&s], &[]);
+    drop(s);
+    let (st, h, text) = post(
+        &format!("{}/v1/completions", r.url),
+        &json!({"model": "m", "prompt": "x"}),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 503, "{text}");
+    assert!(h.contains_key("retry-after"));
+    assert!(text.contains("service_unavailable"));
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_streams_then_exits() {
+    let s = sim_at("1", &[]);
+    let mut r = serve(&[&s], &["--drain-timeout", "20s"]);
+    let body =
+        json!({"model": "m", "prompt": "x", "max_tokens": 120, "ignore_eos": true, "stream": true});
+    let res = client()
+        .post(format!("{}/v1/completions", r.url))
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    let mut stream = res.bytes_stream();
+    let mut text =
+        String::from_utf8(stream.next().await.expect("chunk").expect("bytes").to_vec()).unwrap();
+    let pid = r.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(
+            &chunk.expect("stream survives the drain"),
+        ));
+    }
+    let evs = data_events(&text);
+    assert_eq!(evs.last(), Some(&"[DONE]"), "{text}");
+    assert_eq!(evs.iter().filter(|e| e.contains("\"text\"")).count(), 120);
+    // New connections are refused once draining, and the process exits cleanly.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = r.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "weir serve did not exit after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        client()
+            .get(format!("{}/health", r.url))
+            .send()
+            .await
+            .is_err()
+    );
+}
