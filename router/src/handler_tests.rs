@@ -498,3 +498,23 @@ async fn health_turns_503_while_draining() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 }
+
+#[tokio::test]
+async fn silent_stream_is_closed_with_an_error_event_after_the_idle_timeout() {
+    let (f, url) = fake(SLOW).await;
+    let s = state(&format!(
+        "pools: [{{name: m, endpoints: ['{url}']}}]\ntimeouts: {{idle: 5ms}}"
+    ));
+    let (st, _, out) = send(&s, post("/v1/completions", STREAM)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(out.contains("upstream_timeout"), "{out}");
+    assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while f.cancelled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the silent upstream stream was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

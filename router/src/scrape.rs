@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 
 use crate::config::ScrapeConfig;
-use crate::metrics::{EndpointLabel, Metrics};
+use crate::metrics::{EndpointLabel, Metrics, RouteLabel};
 use crate::proxy::HttpClient;
 use crate::snapshot::{Endpoint, EndpointSnapshot};
 use crate::state::Scrape;
@@ -119,6 +119,18 @@ pub async fn run(
             match r {
                 Some(s) => e.state.record_scrape(&s, since),
                 None => e.state.record_scrape_failure(),
+            }
+        }
+        for r in &snap.routes {
+            for t in &r.targets {
+                let l = RouteLabel {
+                    route: r.name.clone().into(),
+                    pool: snap.pools[t.pool].name.clone().into(),
+                };
+                metrics
+                    .route_share
+                    .get_or_create(&l)
+                    .set(f64::from(t.weight) / r.total_weight as f64);
             }
         }
         for p in &snap.pools {
