@@ -260,6 +260,17 @@ impl std::str::FromStr for Workload {
 }
 
 impl Workload {
+    /// The name [`FromStr`](std::str::FromStr) accepts for this workload (`shared-prefix` for custom shapes).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Workload::AzureConv => "azure-conv",
+            Workload::AzureCode => "azure-code",
+            Workload::SharedPrefix(s) if *s == SharedPrefixSpec::LLM_D => "llmd-shared-prefix",
+            Workload::SharedPrefix(_) => "shared-prefix",
+            Workload::LongPrompt => "long-prompt",
+        }
+    }
+
     /// The workload's published (or default) request rate, req/s.
     pub fn default_rate(&self) -> f64 {
         match self {
@@ -510,6 +521,15 @@ mod tests {
                 .all(|r| r.prompt_len() == 8192 && r.output_tokens == 512)
         );
         assert!("nope".parse::<Workload>().is_err());
+        for n in [
+            "azure-conv",
+            "azure-code",
+            "shared-prefix",
+            "llmd-shared-prefix",
+            "long-prompt",
+        ] {
+            assert_eq!(n.parse::<Workload>().unwrap().name(), n);
+        }
         assert!(
             matches!("llmd-shared-prefix".parse::<Workload>(), Ok(Workload::SharedPrefix(s)) if s.groups == 150)
         );

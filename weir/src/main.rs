@@ -26,6 +26,10 @@ enum LogFormat {
 enum Command {
     /// Run a simulated vLLM server, or a fleet of them.
     Sim(cmd::sim::SimArgs),
+    /// Print the simulator's timing model against the reference measurements, per GPU profile.
+    Calibrate(cmd::calibrate::CalibrateArgs),
+    /// Play a synthetic trace through a simulated fleet in virtual time and report latencies.
+    Replay(cmd::replay::ReplayArgs),
     /// Run the OpenAI-compatible router in front of model servers.
     Serve(cmd::serve::ServeArgs),
     /// Load-test any OpenAI-compatible server or router (open or closed loop) and report latency percentiles.
@@ -47,6 +51,8 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Sim(args) => cmd::sim::run(args),
+        Command::Calibrate(args) => cmd::calibrate::run(args),
+        Command::Replay(args) => cmd::replay::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Bench(args) => cmd::bench::run(args),
     }

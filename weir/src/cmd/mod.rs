@@ -1,5 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod calibrate;
+pub mod replay;
 pub mod serve;
 pub mod sim;

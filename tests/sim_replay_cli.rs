@@ -1,0 +1,76 @@
+//! End-to-end: `weir calibrate` and `weir replay` through the real binary.
+
+use std::process::Command;
+
+fn weir(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .output()
+        .expect("run weir");
+    assert!(
+        out.status.success(),
+        "weir {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json output")
+}
+
+#[test]
+fn calibrate_json_has_every_referenced_point_within_20_percent() {
+    let rows = weir(&["calibrate", "--format", "json"]);
+    let rows = rows.as_array().unwrap();
+    assert!(rows.len() >= 8);
+    let mut referenced = 0;
+    for r in rows {
+        for p in r["points"].as_array().unwrap() {
+            if let Some(ratio) = p["ratio"].as_f64() {
+                assert!((0.8..=1.2).contains(&ratio), "{r}");
+                referenced += 1;
+            }
+        }
+    }
+    assert_eq!(referenced, 30);
+}
+
+#[test]
+fn replay_is_deterministic_and_completes_the_trace() {
+    let args = [
+        "replay",
+        "--workload",
+        "shared-prefix",
+        "--duration",
+        "30",
+        "--fleet",
+        "2xh100:llama-3.1-8b,l4:llama-3.1-8b",
+        "--seed",
+        "7",
+        "--format",
+        "json",
+    ];
+    let a = weir(&args);
+    let b = weir(&args);
+    assert_eq!(a["report"], b["report"]);
+    let rep = &a["report"];
+    assert_eq!(rep["completed"], rep["requests"]);
+    assert!(rep["requests"].as_u64().unwrap() > 200);
+    assert_eq!(rep["pods"].as_array().unwrap().len(), 3);
+    assert!(rep["prefix_hit_rate"].as_f64().unwrap() > 0.5);
+    assert!(a["wall_s"].as_f64().unwrap() >= 0.0);
+    assert_eq!(a["workload"], "shared-prefix");
+}
+
+#[test]
+fn replay_rejects_a_bad_fleet() {
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args([
+            "replay",
+            "--fleet",
+            "3xv100:llama-3.1-8b",
+            "--duration",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown GPU"));
+}
