@@ -6,9 +6,11 @@
 //! randomness: callers pass `now` and an RNG in, so every decision is deterministic under test.
 
 pub mod blocks;
+pub mod decision;
 pub mod endpoint;
 pub mod errors;
 pub mod kv_events;
 pub mod openai;
 pub mod pick;
+pub mod prefix;
 pub mod tokens;

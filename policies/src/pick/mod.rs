@@ -9,9 +9,15 @@
 //! Baseline policies (see [`Policy`]): round-robin, random, least-requests (router in-flight, min-max scored),
 //! power-of-two-choices (two distinct random candidates, the one with fewer outstanding requests wins).
 
+pub mod active_request;
 pub mod breaker;
 pub mod budget;
+pub mod load_gate;
+pub mod pd;
+pub mod prefix;
+pub mod profile;
 pub mod scorers;
+pub mod session;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,486 @@
+//! Cache-aware scheduling profiles: which filters and weighted scorers run, built per request from its prefix facts.
+//!
+//! A [`Profile`] names a role filter, scorer weights and an optional [`LoadGate`]. Because prefix matches and the
+//! session pod differ per request, the scorers that read them are built per request: [`Profile::decide`] applies the
+//! gate to a copy of the [`RequestFacts`], builds a [`Pipeline`] (the shared filter -> score -> max-score stages) and
+//! selects. [`Profile::explain`] re-runs the same deterministic filters and scorers over every candidate to produce
+//! decision-record rows (raw and weighted score per scorer, which filter dropped whom); it is separate so the hot
+//! path does not pay for it when records are off.
+//!
+//! Presets (weights configurable): [`Weights::llm_d`] queue 2, kv 2, prefix 3 (GIE v1.5 / llm-d's chart);
+//! [`Weights::prefill`] prefix 3, queue 2, token-load 2; [`Weights::decode`] kv 1, active-request 1. Zero-weight
+//! scorers are not run.
+
+use std::time::Instant;
+
+use rand_core::RngCore;
+
+use super::active_request::ActiveRequest;
+use super::load_gate::{GateOutcome, LoadGate};
+use super::prefix::{PrefixCache, RequestFacts};
+use super::scorers::{Available, DecodeCapable, KvCacheUtilization, Queue, TokenLoad};
+use super::session::SessionAffinity;
+use super::{Choice, Filter, NoEligibleEndpoint, Picker, Pipeline, RequestView, Weighted};
+use crate::decision::{CandidateRecord, ScoreRecord};
+use crate::endpoint::{EndpointId, EndpointView, Role};
+
+/// Scorer weights; 0 disables a scorer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weights {
+    /// `prefix-cache`.
+    pub prefix: f64,
+    /// `queue` (scraped waiting, min-max).
+    pub queue: f64,
+    /// `kv-cache-utilization` (`1 - kv`).
+    pub kv: f64,
+    /// `token-load` (`1 - min(1, in-flight tokens / 4,194,304)`).
+    pub token_load: f64,
+    /// `active-request`.
+    pub active_request: f64,
+    /// `session-affinity`.
+    pub session: f64,
+}
+
+impl Weights {
+    /// llm-d's chart / GIE v1.5 defaults.
+    pub fn llm_d() -> Self {
+        Self {
+            prefix: 3.0,
+            queue: 2.0,
+            kv: 2.0,
+            token_load: 0.0,
+            active_request: 0.0,
+            session: 0.0,
+        }
+    }
+
+    /// Prefill pool: cache hits, short queues, little in-flight prompt work.
+    pub fn prefill() -> Self {
+        Self {
+            prefix: 3.0,
+            queue: 2.0,
+            kv: 0.0,
+            token_load: 2.0,
+            active_request: 0.0,
+            session: 0.0,
+        }
+    }
+
+    /// Decode pool: free KV and few running decodes.
+    pub fn decode() -> Self {
+        Self {
+            prefix: 0.0,
+            queue: 0.0,
+            kv: 1.0,
+            token_load: 0.0,
+            active_request: 1.0,
+            session: 0.0,
+        }
+    }
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self::llm_d()
+    }
+}
+
+/// Hard role constraint of a profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleFilter {
+    /// Every available endpoint.
+    Any,
+    /// `decode` and `prefill-decode` pods.
+    DecodeCapable,
+    /// `prefill` pods only.
+    PrefillOnly,
+}
+
+/// Keeps prefill-only pods.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillOnly;
+
+impl Filter for PrefillOnly {
+    fn name(&self) -> &'static str {
+        "prefill-only"
+    }
+    fn keep(&self, _req: &RequestView, ep: &EndpointView) -> bool {
+        ep.role == Role::Prefill
+    }
+}
+
+/// One scheduling profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// Name in decision records (`default`, `prefill`, `decode`).
+    pub name: &'static str,
+    pub role: RoleFilter,
+    pub weights: Weights,
+    /// Anti-herding gate on prefix hits; `None` trusts the prefix score blindly.
+    pub gate: Option<LoadGate>,
+}
+
+/// A profile's pick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed {
+    pub choice: Choice,
+    /// What the load gate changed.
+    pub gate: GateOutcome,
+}
+
+impl Profile {
+    /// Aggregated serving: llm-d weights, gate on, any role that can decode.
+    pub fn cache_aware() -> Self {
+        Self {
+            name: "default",
+            role: RoleFilter::DecodeCapable,
+            weights: Weights::llm_d(),
+            gate: Some(LoadGate::default()),
+        }
+    }
+
+    /// P/D prefill pool.
+    pub fn prefill() -> Self {
+        Self {
+            name: "prefill",
+            role: RoleFilter::PrefillOnly,
+            weights: Weights::prefill(),
+            gate: Some(LoadGate::default()),
+        }
+    }
+
+    /// P/D decode pool.
+    pub fn decode() -> Self {
+        Self {
+            name: "decode",
+            role: RoleFilter::DecodeCapable,
+            weights: Weights::decode(),
+            gate: None,
+        }
+    }
+
+    fn role_filter(&self) -> Option<Box<dyn Filter>> {
+        match self.role {
+            RoleFilter::Any => None,
+            RoleFilter::DecodeCapable => Some(Box::new(DecodeCapable)),
+            RoleFilter::PrefillOnly => Some(Box::new(PrefillOnly)),
+        }
+    }
+
+    fn scorers(&self, matched: Vec<u32>, facts: &RequestFacts) -> Vec<Weighted> {
+        let w = &self.weights;
+        let mut v: Vec<Weighted> = Vec::with_capacity(6);
+        let mut push = |weight: f64, scorer: Box<dyn super::Scorer>| {
+            if weight > 0.0 {
+                v.push(Weighted { scorer, weight });
+            }
+        };
+        push(
+            w.prefix,
+            Box::new(PrefixCache::new(matched, facts.total_blocks)),
+        );
+        push(w.queue, Box::new(Queue));
+        push(w.kv, Box::new(KvCacheUtilization));
+        push(w.token_load, Box::new(TokenLoad));
+        push(w.active_request, Box::new(ActiveRequest));
+        push(
+            w.session,
+            Box::new(SessionAffinity {
+                pod: facts.session_pod,
+            }),
+        );
+        v
+    }
+
+    /// Prefix matches after the gate (a copy; `facts` is untouched).
+    fn gated(
+        &self,
+        req: &RequestView,
+        eps: &[EndpointView],
+        facts: &RequestFacts,
+    ) -> (Vec<u32>, GateOutcome) {
+        match &self.gate {
+            Some(g) if self.weights.prefix > 0.0 => {
+                let mut f = facts.clone();
+                let out = g.apply(req, eps, &mut f);
+                (f.matched, out)
+            }
+            _ => (facts.matched.clone(), GateOutcome::default()),
+        }
+    }
+
+    /// Picks one endpoint (max-score, random tie-break from `rng`).
+    pub fn decide(
+        &self,
+        req: &RequestView,
+        eps: &[EndpointView],
+        facts: &RequestFacts,
+        now: Instant,
+        rng: &mut dyn RngCore,
+    ) -> Result<Routed, NoEligibleEndpoint> {
+        let (matched, gate) = self.gated(req, eps, facts);
+        let pipeline = Pipeline::new(
+            self.role_filter().into_iter().collect(),
+            self.scorers(matched, facts),
+            Picker::MaxScore,
+        );
+        let choice = pipeline.select(req, eps, now, rng)?;
+        Ok(Routed { choice, gate })
+    }
+
+    /// Decision-record rows for every endpoint in `eps`: the filter that dropped it, or each scorer's raw and
+    /// weighted score. `ids[i]` names pool index `i`; `routed` is this profile's pick (for the gate's effect).
+    pub fn explain(
+        &self,
+        req: &RequestView,
+        eps: &[EndpointView],
+        facts: &RequestFacts,
+        routed: &Routed,
+        ids: &[EndpointId],
+        now: Instant,
+    ) -> Vec<CandidateRecord> {
+        let mut matched = facts.matched.clone();
+        for &(i, _) in &routed.gate.gated {
+            if let Some(m) = matched.get_mut(i) {
+                *m = 0;
+            }
+        }
+        let mut filters: Vec<Box<dyn Filter>> = vec![Box::new(Available)];
+        filters.extend(self.role_filter());
+        let scorers = self.scorers(matched, facts);
+        let mut rows: Vec<CandidateRecord> = eps
+            .iter()
+            .map(|e| CandidateRecord {
+                endpoint: ids
+                    .get(e.index)
+                    .map_or_else(|| format!("#{}", e.index), |id| id.to_string()),
+                index: e.index,
+                filtered_by: filters.iter().find(|f| !f.keep(req, e)).map(|f| f.name()),
+                prefix_blocks: facts.matched(e.index),
+                gated: routed.gate.gated.iter().any(|&(i, _)| i == e.index),
+                scores: Vec::new(),
+                total: 0.0,
+            })
+            .collect();
+        let kept: Vec<EndpointView> = eps
+            .iter()
+            .zip(&rows)
+            .filter(|(_, r)| r.filtered_by.is_none())
+            .map(|(e, _)| *e)
+            .collect();
+        let mut out = vec![0.0; kept.len()];
+        for w in &scorers {
+            w.scorer.score(req, &kept, now, &mut out);
+            let kept_rows = rows.iter_mut().filter(|r| r.filtered_by.is_none());
+            for (row, &v) in kept_rows.zip(&out) {
+                let raw = if v.is_finite() {
+                    v.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                row.scores.push(ScoreRecord {
+                    scorer: w.scorer.name(),
+                    raw,
+                    weight: w.weight,
+                    weighted: raw * w.weight,
+                });
+                row.total += raw * w.weight;
+            }
+        }
+        rows
+    }
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self::cache_aware()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocks::PrefixHasher;
+    use crate::endpoint::ScrapedLoad;
+    use crate::prefix::{ApproxIndex, PodSlot, PrefixMatches};
+
+    /// splitmix64, so tests need no RNG crate.
+    struct Seeded(u64);
+    impl RngCore for Seeded {
+        fn next_u32(&mut self) -> u32 {
+            (self.next_u64() >> 32) as u32
+        }
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn fill_bytes(&mut self, dst: &mut [u8]) {
+            rand_core::impls::fill_bytes_via_next(self, dst)
+        }
+    }
+
+    fn pool(n: usize) -> Vec<EndpointView> {
+        (0..n)
+            .map(|index| EndpointView {
+                index,
+                role: Role::Both,
+                available: true,
+                in_flight: 0,
+                in_flight_tokens: 0,
+                scraped: Some(ScrapedLoad {
+                    waiting: 0,
+                    running: 0,
+                    kv_usage: 0.1,
+                    age_ms: 10,
+                }),
+            })
+            .collect()
+    }
+
+    #[allow(clippy::disallowed_methods)]
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    /// Routes `n` requests sharing a 4,000-token prefix through `profile` with an approximate index. `busy` keeps
+    /// every routed request in flight (a burst); otherwise each finishes before the next (a cold fleet).
+    fn hot_prefix(profile: &Profile, n: usize, busy: bool) -> Vec<usize> {
+        let hasher = PrefixHasher::new("m", None, 16);
+        let mut ix = ApproxIndex::default();
+        let mut eps = pool(8);
+        let ids: Vec<EndpointId> = (0..8)
+            .map(|i| EndpointId::new(format!("pod-{i}")))
+            .collect();
+        let slots: Vec<PodSlot> = ids.iter().map(|id| ix.add_pod(id)).collect();
+        let mut rng = Seeded(7);
+        let mut m = PrefixMatches::default();
+        let mut picks = Vec::new();
+        for r in 0..n as u32 {
+            let tokens: Vec<u32> = (0..4000)
+                .chain((0..96).map(|k| 100_000 + r * 96 + k))
+                .collect();
+            let hashes = hasher.block_hashes(&tokens);
+            ix.lookup(&hashes, &mut m);
+            let facts = RequestFacts {
+                matched: slots.iter().map(|&s| m.get(Some(s))).collect(),
+                total_blocks: hashes.len() as u32,
+                block_size: 16,
+                session_pod: None,
+            };
+            let req = RequestView {
+                prompt_tokens: 4096,
+                max_tokens: Some(100),
+            };
+            let routed = profile.decide(&req, &eps, &facts, now(), &mut rng).unwrap();
+            let i = routed.choice.index;
+            ix.record(slots[i], &hashes);
+            if busy {
+                eps[i].in_flight += 1;
+                eps[i].in_flight_tokens += 4096 + 100;
+            }
+            picks.push(i);
+        }
+        picks
+    }
+
+    fn distinct(v: &[usize]) -> usize {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        v.len()
+    }
+
+    #[test]
+    fn a_hot_prefix_under_load_spreads_while_a_cold_fleet_keeps_affinity() {
+        let gated = Profile::cache_aware();
+        let burst = hot_prefix(&gated, 64, true);
+        assert!(
+            distinct(&burst) > 1,
+            "gate must spread a hot prefix: {burst:?}"
+        );
+        // The spread is bounded: the prefix is replicated, not scattered per request.
+        assert!(distinct(&burst) < 64);
+        let cold = hot_prefix(&gated, 64, false);
+        assert_eq!(distinct(&cold), 1, "an idle fleet keeps affinity: {cold:?}");
+        let ungated = Profile {
+            gate: None,
+            ..Profile::cache_aware()
+        };
+        let herd = hot_prefix(&ungated, 64, true);
+        assert_eq!(
+            distinct(&herd),
+            1,
+            "without the gate the prefix herds onto one pod"
+        );
+    }
+
+    #[test]
+    fn explain_agrees_with_the_pick_and_names_filtered_endpoints() {
+        let mut eps = pool(4);
+        eps[1].available = false;
+        eps[2].role = Role::Prefill;
+        let facts = RequestFacts {
+            matched: vec![0, 8, 8, 4],
+            total_blocks: 8,
+            block_size: 16,
+            session_pod: None,
+        };
+        let ids: Vec<EndpointId> = (0..4).map(|i| EndpointId::new(format!("p{i}"))).collect();
+        let p = Profile::cache_aware();
+        let req = RequestView {
+            prompt_tokens: 128,
+            max_tokens: None,
+        };
+        let routed = p.decide(&req, &eps, &facts, now(), &mut Seeded(1)).unwrap();
+        assert_eq!(routed.choice.index, 3, "best unfiltered prefix holder");
+        let rows = p.explain(&req, &eps, &facts, &routed, &ids, now());
+        assert_eq!(rows[1].filtered_by, Some("available"));
+        assert_eq!(rows[2].filtered_by, Some("decode-capable"));
+        let best = rows
+            .iter()
+            .filter(|r| r.filtered_by.is_none())
+            .max_by(|a, b| a.total.total_cmp(&b.total))
+            .unwrap();
+        assert_eq!(best.index, routed.choice.index);
+        assert!((best.total - routed.choice.total).abs() < 1e-12);
+        let prefix = best
+            .scores
+            .iter()
+            .find(|s| s.scorer == "prefix-cache")
+            .unwrap();
+        assert_eq!((prefix.raw, prefix.weighted), (0.5, 1.5));
+    }
+
+    #[test]
+    fn session_affinity_pulls_toward_the_session_pod_when_weighted() {
+        let eps = pool(3);
+        let facts = RequestFacts {
+            matched: vec![],
+            total_blocks: 0,
+            block_size: 16,
+            session_pod: Some(2),
+        };
+        let p = Profile {
+            weights: Weights {
+                session: 1.0,
+                ..Weights::llm_d()
+            },
+            ..Profile::cache_aware()
+        };
+        for seed in 0..20 {
+            let r = p
+                .decide(
+                    &RequestView::default(),
+                    &eps,
+                    &facts,
+                    now(),
+                    &mut Seeded(seed),
+                )
+                .unwrap();
+            assert_eq!(r.choice.index, 2);
+        }
+    }
+}
