@@ -11,6 +11,7 @@ pub mod config;
 pub mod discovery;
 #[cfg(test)]
 mod handler_tests;
+pub mod kv_index;
 pub mod metrics;
 pub mod proxy;
 pub mod scrape;
