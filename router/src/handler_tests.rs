@@ -518,3 +518,22 @@ async fn silent_stream_is_closed_with_an_error_event_after_the_idle_timeout() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn pod_failing_mid_stream_every_time_is_ejected() {
+    let (bad, bad_url) = fake(BREAK).await;
+    let (good, good_url) = fake(OK).await;
+    let s = state(&format!(
+        "pools: [{{name: m, endpoints: ['{bad_url}', '{good_url}']}}]\nbreaker: {{failure_threshold: 2, base_ejection: 60s}}"
+    ));
+    for _ in 0..10 {
+        let (st, _, _) = send(&s, post("/v1/completions", STREAM)).await;
+        assert_eq!(st, StatusCode::OK);
+    }
+    assert_eq!(
+        bad.hits.load(Ordering::SeqCst),
+        2,
+        "ejected after two broken streams"
+    );
+    assert_eq!(good.hits.load(Ordering::SeqCst), 8);
+}

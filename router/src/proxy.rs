@@ -22,7 +22,9 @@ use policies::pick::RequestView;
 use serde::Deserialize;
 
 use crate::app::{AppState, error_response, with_rng};
-use crate::metrics::{EndpointLabel, ModelLabel, ModelTokens, RetryReason, TokenKind};
+use crate::metrics::{
+    EndpointLabel, ModelLabel, ModelTokens, RetryReason, StreamOutcome, TokenKind,
+};
 use crate::snapshot::{EndpointSnapshot, Pool};
 use crate::sse::{SseScanner, StreamCtx, Usage, proxy_stream};
 use crate::state::EndpointState;
@@ -678,19 +680,24 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         }
 
         if is_sse && status.is_success() {
-            att.success();
             app.count(&model, status.as_u16());
-            let failed_state = ep.state.clone();
             let ctx = StreamCtx {
                 scanner: SseScanner::new(inject_usage),
                 idle: cfg.idle,
                 model: model.clone(),
                 metrics: app.metrics.clone(),
                 start,
-                guards: Box::new((att, guard)),
-                on_upstream_failure: Box::new(move || {
-                    failed_state.on_failure(tokio::time::Instant::now().into_std());
-                }),
+                guards: Box::new(guard),
+                on_end: Some(Box::new(move |outcome| match outcome {
+                    StreamOutcome::Complete => att.success(),
+                    StreamOutcome::UpstreamError
+                    | StreamOutcome::Truncated
+                    | StreamOutcome::IdleTimeout => {
+                        att.failure(tokio::time::Instant::now().into_std());
+                    }
+                    // The client left: no verdict on the endpoint; dropping `att` frees a half-open probe.
+                    StreamOutcome::Cancelled => drop(att),
+                })),
             };
             let body = Body::from_stream(proxy_stream(upstream, ctx));
             return out

@@ -141,8 +141,9 @@ pub struct StreamCtx {
     pub start: tokio::time::Instant,
     /// Dropped when the stream ends or the client goes away: releases in-flight counts.
     pub guards: Box<dyn std::any::Any + Send + Sync>,
-    /// Called once if the backend fails mid-stream (breaker failure).
-    pub on_upstream_failure: Box<dyn FnOnce() + Send + Sync>,
+    /// Called once when the stream ends, with how it ended: the endpoint's breaker verdict is given here, not at
+    /// the response head, so a pod that always fails mid-stream still gets ejected.
+    pub on_end: Option<Box<dyn FnOnce(StreamOutcome) + Send + Sync>>,
 }
 
 struct StreamState<B> {
@@ -160,6 +161,9 @@ impl<B> Drop for StreamState<B> {
         } else {
             StreamOutcome::Cancelled
         };
+        if let Some(f) = self.ctx.on_end.take() {
+            f(outcome);
+        }
         self.ctx
             .metrics
             .stream_outcomes
@@ -248,7 +252,6 @@ where
                     tracing::warn!(error = %e, "upstream stream broke");
                     st.finished = true;
                     st.outcome = StreamOutcome::UpstreamError;
-                    (std::mem::replace(&mut st.ctx.on_upstream_failure, Box::new(|| ())))();
                     let tail = if st.ctx.scanner.saw_done {
                         Bytes::new()
                     } else {
@@ -266,7 +269,6 @@ where
                         return None;
                     }
                     st.outcome = StreamOutcome::Truncated;
-                    (std::mem::replace(&mut st.ctx.on_upstream_failure, Box::new(|| ())))();
                     return Some((
                         Ok(error_event(
                             "the model server ended the stream early",
@@ -279,7 +281,6 @@ where
                 Err(_) => {
                     st.finished = true;
                     st.outcome = StreamOutcome::IdleTimeout;
-                    (std::mem::replace(&mut st.ctx.on_upstream_failure, Box::new(|| ())))();
                     return Some((
                         Ok(error_event(
                             "the model server stopped sending tokens",
