@@ -1,10 +1,14 @@
-//! Synthetic request traces (vllm-server-contract.md §8): Azure-2023 conversation and code, shared-prefix groups
-//! (inference-perf and the llm-d headline preset) and a long-prompt mix, plus deterministic materialisation of each
-//! request's prompt as token ids (for the engine) or text (for an HTTP benchmark).
+//! Synthetic request traces (vllm-server-contract.md §8), the one workload model every weir load source draws from:
+//! Azure-2023 conversation and code, shared-prefix groups (inference-perf and the llm-d headline preset), a
+//! long-prompt mix, Mooncake-like long-context RAG, offline batch and a tiny proxy-overhead probe; plus the
+//! deterministic materialisation of each request's prompt as token ids (for the engine) or text (for an HTTP
+//! benchmark such as `weir bench`).
 //!
-//! Pure: every generator takes a seeded `&mut impl Rng`. Lengths are lognormal fits to the published mean/p50/p90
-//! (truncated when the three cannot be met at once); inter-arrival times are gamma-distributed with the published
-//! coefficient of variation. Shared-prefix requests share their leading token ids (and leading text) exactly.
+//! Pure: every generator takes a seeded `&mut impl Rng`. A [`Sampler`] draws one request at a time (what an
+//! online load generator needs); [`Workload::generate`] draws a whole trace up front (arrival times first, then
+//! each request from the sampler). Lengths are lognormal fits to the published mean/p50/p90 (truncated when the
+//! three cannot be met at once); inter-arrival times are gamma-distributed with the published coefficient of
+//! variation. Shared-prefix requests share their leading token ids (and leading text) exactly.
 
 use rand::Rng;
 use rand_distr::{Distribution, Exp, Gamma, StandardNormal};
@@ -16,7 +20,7 @@ pub struct TraceRequest {
     /// Seconds from the start of the trace.
     pub arrival_s: f64,
     /// Shared-prefix group, when the prompt starts with a group's system prompt.
-    pub prefix_group: Option<u32>,
+    pub prefix_group: Option<u64>,
     /// Length of the shared prefix (0 without a group).
     pub prefix_tokens: u32,
     /// Tokens after the prefix, unique to `unique_seed`.
@@ -48,7 +52,7 @@ impl TraceRequest {
     fn piece(&self, trace_seed: u64, k: u32) -> u64 {
         match self.prefix_group {
             Some(g) if k < self.prefix_tokens => {
-                mix(mix(trace_seed ^ PREFIX_DOMAIN, u64::from(g)), u64::from(k))
+                mix(mix(trace_seed ^ PREFIX_DOMAIN, g), u64::from(k))
             }
             _ => mix(
                 mix(trace_seed ^ UNIQUE_DOMAIN, self.unique_seed),
@@ -65,10 +69,36 @@ impl TraceRequest {
     }
 
     /// Prompt text: one 4-byte word (three letters and a space) per token, so `ByteTokenizer` encodes it to exactly
-    /// `prompt_len()` ids, and requests of a group share their leading text (hence their leading ids).
+    /// `prompt_len()` ids, and requests of a group share their leading text (hence their leading ids). Equal to
+    /// [`prefix_text`](Self::prefix_text) followed by [`unique_text`](Self::unique_text).
     pub fn prompt_text(&self, trace_seed: u64) -> String {
-        let mut s = String::with_capacity(self.prompt_len() as usize * 4);
-        for k in 0..self.prompt_len() {
+        self.text(trace_seed, 0..self.prompt_len())
+    }
+
+    /// The shared part of [`prompt_text`](Self::prompt_text): `prefix_tokens` words, the same for every request of
+    /// the group (a longer prefix of a group extends a shorter one). Empty without a group.
+    pub fn prefix_text(&self, trace_seed: u64) -> String {
+        let n = if self.prefix_group.is_some() {
+            self.prefix_tokens
+        } else {
+            0
+        };
+        self.text(trace_seed, 0..n)
+    }
+
+    /// The part of [`prompt_text`](Self::prompt_text) after [`prefix_text`](Self::prefix_text).
+    pub fn unique_text(&self, trace_seed: u64) -> String {
+        let start = if self.prefix_group.is_some() {
+            self.prefix_tokens
+        } else {
+            0
+        };
+        self.text(trace_seed, start..self.prompt_len())
+    }
+
+    fn text(&self, trace_seed: u64, tokens: std::ops::Range<u32>) -> String {
+        let mut s = String::with_capacity(tokens.len() * 4);
+        for k in tokens {
             let h = self.piece(trace_seed, k);
             for i in 0..3 {
                 s.push(char::from(b'a' + ((h >> (8 * i)) % 26) as u8));
@@ -80,6 +110,9 @@ impl TraceRequest {
 }
 
 fn normal_cdf(z: f64) -> f64 {
+    if z.is_infinite() {
+        return if z > 0.0 { 1.0 } else { 0.0 };
+    }
     // Abramowitz-Stegun 7.1.26 on erf; |error| < 1.5e-7.
     let x = z.abs() / std::f64::consts::SQRT_2;
     let t = 1.0 / (1.0 + 0.327_591_1 * x);
@@ -95,13 +128,15 @@ fn normal_cdf(z: f64) -> f64 {
     }
 }
 
-/// A lognormal length distribution, optionally truncated (by rejection) at `cap`.
+/// A lognormal length distribution, optionally truncated (by rejection) to `[floor, cap]`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LengthDist {
     /// ln of the median.
     pub mu: f64,
     pub sigma: f64,
-    /// Samples above this are redrawn.
+    /// Samples below this are redrawn (0 = no lower bound); keeps e.g. RAG prompts long.
+    pub floor: f64,
+    /// Samples above this are redrawn; restores a published mean, or keeps prompts inside a context window.
     pub cap: f64,
 }
 
@@ -117,6 +152,7 @@ impl LengthDist {
         let d = LengthDist {
             mu,
             sigma,
+            floor: 0.0,
             cap: f64::INFINITY,
         };
         if d.mean() <= mean {
@@ -134,26 +170,47 @@ impl LengthDist {
         LengthDist { cap: lo, ..d }
     }
 
+    /// A lognormal with this median and sigma, redrawn outside `[floor, cap]`.
+    pub fn bounded(median: f64, sigma: f64, floor: f64, cap: f64) -> Self {
+        LengthDist {
+            mu: median.max(1.0).ln(),
+            sigma,
+            floor,
+            cap,
+        }
+    }
+
     /// Mean of the (truncated) distribution.
     pub fn mean(&self) -> f64 {
         let m = (self.mu + self.sigma * self.sigma / 2.0).exp();
-        if !self.cap.is_finite() {
+        if !self.cap.is_finite() && self.floor <= 0.0 {
             return m;
         }
-        let z = (self.cap.ln() - self.mu) / self.sigma;
-        m * normal_cdf(z - self.sigma) / normal_cdf(z).max(1e-12)
+        let z = |x: f64| {
+            if x <= 0.0 {
+                f64::NEG_INFINITY
+            } else {
+                (x.ln() - self.mu) / self.sigma
+            }
+        };
+        let (za, zb) = (z(self.floor), z(self.cap));
+        let s = self.sigma;
+        m * (normal_cdf(zb - s) - normal_cdf(za - s)) / (normal_cdf(zb) - normal_cdf(za)).max(1e-12)
     }
 
     /// One length >= 1.
     pub fn sample(&self, rng: &mut impl Rng) -> u32 {
+        let mut x = self.mu.exp();
         for _ in 0..1000 {
             let z: f64 = StandardNormal.sample(rng);
-            let x = (self.mu + self.sigma * z).exp();
-            if x <= self.cap {
-                return x.round().clamp(1.0, f64::from(u32::MAX / 4)) as u32;
+            x = (self.mu + self.sigma * z).exp();
+            if x >= self.floor && x <= self.cap {
+                break;
             }
         }
-        self.cap.round().max(1.0) as u32
+        x.clamp(self.floor, self.cap)
+            .round()
+            .clamp(1.0, f64::from(u32::MAX / 4)) as u32
     }
 }
 
@@ -200,14 +257,17 @@ impl Arrivals {
 }
 
 /// Shared-prefix workload shape (inference-perf): `groups` x `prompts_per_group` questions.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct SharedPrefixSpec {
+    /// Number of distinct system prompts (G).
     pub groups: u32,
+    /// Distinct questions per group (P).
     pub prompts_per_group: u32,
-    /// System prompt tokens shared by a group.
+    /// System prompt tokens shared by a group (S).
     pub system_tokens: u32,
-    /// Question tokens unique per prompt.
+    /// Question tokens unique per prompt (Q).
     pub question_tokens: u32,
+    /// Output tokens per request (O).
     pub output_tokens: u32,
 }
 
@@ -241,20 +301,36 @@ pub enum Workload {
     SharedPrefix(SharedPrefixSpec),
     /// ISL 8192 / OSL 512 at a Poisson rate (default 1 req/s).
     LongPrompt,
+    /// Proxy-overhead probe: 8 tokens in, 1 out, Poisson (default 10 req/s; no published rate).
+    Tiny,
+    /// Mooncake-like long-context RAG: input median 6909 and sigma 1.05 (the Mooncake mean/p50), kept within
+    /// 1024..30000 tokens so it fits a 32k context; output median 343, sigma 0.5, within 16..1024. Poisson at
+    /// Mooncake's 12,031 req / 59 min.
+    LongContextRag,
+    /// Offline batch summarisation: input median 1500 (sigma 0.6, 64..8192), output median 600 (sigma 0.4,
+    /// 64..2048), Poisson (default 1 req/s; no published rate).
+    Batch,
 }
+
+/// Canonical names, then the aliases `weir bench` uses for the same workloads.
+const NAMES: &str = "azure-conv (chat), azure-code (code-completion), shared-prefix, llmd-shared-prefix \
+                     (shared-prefix-llm-d), long-prompt (long-prompt-mix), tiny, long-context-rag, batch";
 
 impl std::str::FromStr for Workload {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "azure-conv" => Ok(Workload::AzureConv),
-            "azure-code" => Ok(Workload::AzureCode),
+            "azure-conv" | "chat" => Ok(Workload::AzureConv),
+            "azure-code" | "code-completion" => Ok(Workload::AzureCode),
             "shared-prefix" => Ok(Workload::SharedPrefix(SharedPrefixSpec::INFERENCE_PERF)),
-            "llmd-shared-prefix" => Ok(Workload::SharedPrefix(SharedPrefixSpec::LLM_D)),
-            "long-prompt" => Ok(Workload::LongPrompt),
-            _ => Err(format!(
-                "unknown workload `{s}` (azure-conv, azure-code, shared-prefix, llmd-shared-prefix, long-prompt)"
-            )),
+            "llmd-shared-prefix" | "shared-prefix-llm-d" => {
+                Ok(Workload::SharedPrefix(SharedPrefixSpec::LLM_D))
+            }
+            "long-prompt" | "long-prompt-mix" => Ok(Workload::LongPrompt),
+            "tiny" => Ok(Workload::Tiny),
+            "long-context-rag" => Ok(Workload::LongContextRag),
+            "batch" => Ok(Workload::Batch),
+            _ => Err(format!("unknown workload `{s}` ({NAMES})")),
         }
     }
 }
@@ -268,6 +344,9 @@ impl Workload {
             Workload::SharedPrefix(s) if *s == SharedPrefixSpec::LLM_D => "llmd-shared-prefix",
             Workload::SharedPrefix(_) => "shared-prefix",
             Workload::LongPrompt => "long-prompt",
+            Workload::Tiny => "tiny",
+            Workload::LongContextRag => "long-context-rag",
+            Workload::Batch => "batch",
         }
     }
 
@@ -276,12 +355,56 @@ impl Workload {
         match self {
             Workload::AzureConv => 19_366.0 / 3600.0,
             Workload::AzureCode => 8_819.0 / 3600.0,
-            Workload::SharedPrefix(_) => 10.0,
-            Workload::LongPrompt => 1.0,
+            Workload::SharedPrefix(_) | Workload::Tiny => 10.0,
+            Workload::LongPrompt | Workload::Batch => 1.0,
+            Workload::LongContextRag => 12_031.0 / (59.0 * 60.0),
         }
     }
 
-    /// A trace of `duration_s` seconds at `rate` req/s (None = the default rate).
+    /// The arrival process at `rate` req/s: the published inter-arrival CV, else Poisson.
+    pub fn arrivals(&self, rate: f64) -> Arrivals {
+        let cv = match self {
+            Workload::AzureConv => 1.09,
+            Workload::AzureCode => 13.0,
+            _ => 1.0,
+        };
+        Arrivals { rate, cv }
+    }
+
+    /// A one-request-at-a-time sampler of this workload's lengths and prefixes.
+    pub fn sampler(&self) -> Sampler {
+        let shape = match self {
+            Workload::AzureConv => Shape::Lengths {
+                input: LengthDist::fit(1155.0, 1020.0, Some(2734.0)),
+                output: LengthDist::fit(211.0, 129.0, Some(424.0)),
+            },
+            Workload::AzureCode => Shape::Lengths {
+                input: LengthDist::fit(2048.0, 1469.0, Some(5188.0)),
+                output: LengthDist::fit(28.0, 13.0, None),
+            },
+            Workload::LongContextRag => Shape::Lengths {
+                input: LengthDist::bounded(6909.0, 1.05, 1024.0, 30_000.0),
+                output: LengthDist::bounded(343.0, 0.5, 16.0, 1024.0),
+            },
+            Workload::Batch => Shape::Lengths {
+                input: LengthDist::bounded(1500.0, 0.6, 64.0, 8192.0),
+                output: LengthDist::bounded(600.0, 0.4, 64.0, 2048.0),
+            },
+            Workload::SharedPrefix(spec) => Shape::Shared(*spec),
+            Workload::LongPrompt => Shape::Fixed {
+                input: 8192,
+                output: 512,
+            },
+            Workload::Tiny => Shape::Fixed {
+                input: 8,
+                output: 1,
+            },
+        };
+        Sampler { shape }
+    }
+
+    /// A trace of `duration_s` seconds at `rate` req/s (None = the default rate): all arrival times are drawn
+    /// first, then each request from [`sampler`](Self::sampler) in arrival order with its index as `index`.
     pub fn generate(
         &self,
         duration_s: f64,
@@ -289,61 +412,72 @@ impl Workload {
         rng: &mut impl Rng,
     ) -> Vec<TraceRequest> {
         let rate = rate.unwrap_or_else(|| self.default_rate());
-        match self {
-            Workload::AzureConv => lengths_trace(
-                Arrivals { rate, cv: 1.09 },
-                LengthDist::fit(1155.0, 1020.0, Some(2734.0)),
-                LengthDist::fit(211.0, 129.0, Some(424.0)),
-                duration_s,
-                rng,
-            ),
-            Workload::AzureCode => lengths_trace(
-                Arrivals { rate, cv: 13.0 },
-                LengthDist::fit(2048.0, 1469.0, Some(5188.0)),
-                LengthDist::fit(28.0, 13.0, None),
-                duration_s,
-                rng,
-            ),
-            Workload::SharedPrefix(spec) => {
-                shared_prefix(spec, Arrivals { rate, cv: 1.0 }, duration_s, rng)
-            }
-            Workload::LongPrompt => Arrivals { rate, cv: 1.0 }
-                .times(duration_s, rng)
-                .into_iter()
-                .enumerate()
-                .map(|(i, t)| TraceRequest {
-                    arrival_s: t,
-                    prefix_group: None,
-                    prefix_tokens: 0,
-                    unique_tokens: 8192,
-                    output_tokens: 512,
-                    unique_seed: i as u64,
-                })
-                .collect(),
-        }
+        let times = self.arrivals(rate).times(duration_s, rng);
+        let sampler = self.sampler();
+        times
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| sampler.draw(i as u64, t, rng))
+            .collect()
     }
 }
 
-fn lengths_trace(
-    arrivals: Arrivals,
-    input: LengthDist,
-    output: LengthDist,
-    duration_s: f64,
-    rng: &mut impl Rng,
-) -> Vec<TraceRequest> {
-    let times = arrivals.times(duration_s, rng);
-    times
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| TraceRequest {
-            arrival_s: t,
+/// What a [`Sampler`] draws from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Shape {
+    /// Every request the same lengths, all unique tokens.
+    Fixed { input: u32, output: u32 },
+    /// Independent input and output lengths, all unique tokens.
+    Lengths {
+        input: LengthDist,
+        output: LengthDist,
+    },
+    /// One of the G x P shared-prefix questions, uniformly.
+    Shared(SharedPrefixSpec),
+}
+
+/// Draws single requests of a workload (no arrival process): for load generators that decide arrivals themselves
+/// (closed loop, their own Poisson clock) and need one request at a time. Stateless, so it can be shared; the
+/// caller numbers the requests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampler {
+    /// Lengths and prefix structure (fitted once, at construction).
+    shape: Shape,
+}
+
+impl Sampler {
+    /// Request number `index` (its identity when the prompt is all unique: distinct indexes give distinct prompts),
+    /// arriving at `arrival_s`. Shared-prefix requests take their identity from the question drawn instead.
+    pub fn draw(&self, index: u64, arrival_s: f64, rng: &mut impl Rng) -> TraceRequest {
+        let unique = |unique_tokens, output_tokens| TraceRequest {
+            arrival_s,
             prefix_group: None,
             prefix_tokens: 0,
-            unique_tokens: input.sample(rng),
-            output_tokens: output.sample(rng),
-            unique_seed: i as u64,
-        })
-        .collect()
+            unique_tokens,
+            output_tokens,
+            unique_seed: index,
+        };
+        match &self.shape {
+            Shape::Fixed { input, output } => unique(*input, *output),
+            Shape::Lengths { input, output } => {
+                let i = input.sample(rng);
+                unique(i, output.sample(rng))
+            }
+            Shape::Shared(spec) => {
+                let per_group = u64::from(spec.prompts_per_group.max(1));
+                let total = u64::from(spec.groups.max(1)) * per_group;
+                let q = rng.random_range(0..total);
+                TraceRequest {
+                    arrival_s,
+                    prefix_group: Some(q / per_group),
+                    prefix_tokens: spec.system_tokens,
+                    unique_tokens: spec.question_tokens,
+                    output_tokens: spec.output_tokens,
+                    unique_seed: q,
+                }
+            }
+        }
+    }
 }
 
 /// Shared-prefix trace: each arrival asks one of the `groups x prompts_per_group` questions uniformly at random.
@@ -353,22 +487,12 @@ pub fn shared_prefix(
     duration_s: f64,
     rng: &mut impl Rng,
 ) -> Vec<TraceRequest> {
-    let total = u64::from(spec.groups.max(1)) * u64::from(spec.prompts_per_group.max(1));
+    let sampler = Workload::SharedPrefix(*spec).sampler();
     arrivals
         .times(duration_s, rng)
         .into_iter()
-        .map(|t| {
-            let q = rng.random_range(0..total);
-            let g = (q / u64::from(spec.prompts_per_group.max(1))) as u32;
-            TraceRequest {
-                arrival_s: t,
-                prefix_group: Some(g),
-                prefix_tokens: spec.system_tokens,
-                unique_tokens: spec.question_tokens,
-                output_tokens: spec.output_tokens,
-                unique_seed: q,
-            }
-        })
+        .enumerate()
+        .map(|(i, t)| sampler.draw(i as u64, t, rng))
         .collect()
 }
 
@@ -527,11 +651,146 @@ mod tests {
             "shared-prefix",
             "llmd-shared-prefix",
             "long-prompt",
+            "tiny",
+            "long-context-rag",
+            "batch",
         ] {
             assert_eq!(n.parse::<Workload>().unwrap().name(), n);
         }
         assert!(
             matches!("llmd-shared-prefix".parse::<Workload>(), Ok(Workload::SharedPrefix(s)) if s.groups == 150)
         );
+        // `weir bench`'s names for the same workloads.
+        for (alias, name) in [
+            ("chat", "azure-conv"),
+            ("code-completion", "azure-code"),
+            ("shared-prefix-llm-d", "llmd-shared-prefix"),
+            ("long-prompt-mix", "long-prompt"),
+        ] {
+            assert_eq!(alias.parse::<Workload>().unwrap().name(), name);
+        }
+        let err = "nope".parse::<Workload>().unwrap_err();
+        assert!(
+            err.contains("long-context-rag") && err.contains("chat"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sampler_draws_match_the_trace_generator() {
+        for w in [
+            Workload::AzureConv,
+            Workload::SharedPrefix(SharedPrefixSpec::INFERENCE_PERF),
+            Workload::LongContextRag,
+        ] {
+            let trace = w.generate(30.0, Some(5.0), &mut SmallRng::seed_from_u64(6));
+            let mut rng = SmallRng::seed_from_u64(6);
+            let times = w.arrivals(5.0).times(30.0, &mut rng);
+            let s = w.sampler();
+            let drawn: Vec<TraceRequest> = times
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| s.draw(i as u64, t, &mut rng))
+                .collect();
+            assert!(!drawn.is_empty());
+            assert_eq!(drawn, trace, "{}", w.name());
+        }
+    }
+
+    #[test]
+    fn tiny_rag_and_batch_lengths() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let tiny = Workload::Tiny.sampler().draw(0, 0.0, &mut rng);
+        assert_eq!((tiny.prompt_len(), tiny.output_tokens), (8, 1));
+        let draw = |w: Workload, rng: &mut SmallRng| {
+            let s = w.sampler();
+            let t: Vec<TraceRequest> = (0..20_000).map(|i| s.draw(i, 0.0, rng)).collect();
+            stats(&t, 1.0)
+        };
+        let rag = draw(Workload::LongContextRag, &mut rng);
+        assert!(close(rag.input_p50, 6909.0, 0.10), "{rag:?}");
+        assert!(close(rag.output_p50, 343.0, 0.10), "{rag:?}");
+        let rag_trace: Vec<TraceRequest> = {
+            let s = Workload::LongContextRag.sampler();
+            (0..5000).map(|i| s.draw(i, 0.0, &mut rng)).collect()
+        };
+        assert!(
+            rag_trace
+                .iter()
+                .all(|r| (1024..=30_000).contains(&r.prompt_len())
+                    && (16..=1024).contains(&r.output_tokens))
+        );
+        let d = LengthDist::bounded(6909.0, 1.05, 1024.0, 30_000.0);
+        assert!(
+            close(rag.input_mean, d.mean(), 0.03),
+            "{rag:?} vs {}",
+            d.mean()
+        );
+        let batch = draw(Workload::Batch, &mut rng);
+        assert!(close(batch.input_p50, 1500.0, 0.10), "{batch:?}");
+        assert!(close(batch.output_p50, 600.0, 0.10), "{batch:?}");
+        assert!(
+            batch.output_mean > batch.input_mean * 0.3,
+            "long outputs: {batch:?}"
+        );
+    }
+
+    #[test]
+    fn prefix_and_unique_text_split_the_prompt() {
+        let mut rng = SmallRng::seed_from_u64(8);
+        let s = Workload::SharedPrefix(SharedPrefixSpec {
+            groups: 2,
+            prompts_per_group: 3,
+            system_tokens: 20,
+            question_tokens: 7,
+            output_tokens: 1,
+        })
+        .sampler();
+        let reqs: Vec<TraceRequest> = (0..50).map(|i| s.draw(i, 0.0, &mut rng)).collect();
+        for r in &reqs {
+            let (p, u) = (r.prefix_text(11), r.unique_text(11));
+            assert_eq!(format!("{p}{u}"), r.prompt_text(11));
+            assert_eq!(ByteTokenizer.encode(&p).len(), 20);
+            assert_eq!(ByteTokenizer.encode(&u).len(), 7);
+        }
+        let mut prefixes: Vec<String> = reqs.iter().map(|r| r.prefix_text(11)).collect();
+        prefixes.sort();
+        prefixes.dedup();
+        assert_eq!(prefixes.len(), 2, "one system prompt per group");
+        let mut questions: Vec<u64> = reqs.iter().map(|r| r.unique_seed).collect();
+        questions.sort_unstable();
+        questions.dedup();
+        assert_eq!(questions.len(), 6, "G x P distinct questions");
+        // A longer prefix of the same group extends a shorter one; no group means no prefix text.
+        let short = TraceRequest {
+            prefix_tokens: 5,
+            ..reqs[0].clone()
+        };
+        assert!(reqs[0].prefix_text(11).starts_with(&short.prefix_text(11)));
+        let plain = Workload::Tiny.sampler().draw(3, 0.0, &mut rng);
+        assert_eq!(plain.prefix_text(11), "");
+        assert_eq!(plain.unique_text(11), plain.prompt_text(11));
+        assert_ne!(
+            plain.unique_text(11),
+            Workload::Tiny
+                .sampler()
+                .draw(4, 0.0, &mut rng)
+                .unique_text(11),
+            "distinct indexes give distinct prompts"
+        );
+    }
+
+    #[test]
+    fn truncated_mean_matches_samples_with_both_bounds() {
+        let d = LengthDist::bounded(1500.0, 0.6, 64.0, 8192.0);
+        let mut rng = SmallRng::seed_from_u64(9);
+        let n = 50_000;
+        let m = (0..n).map(|_| f64::from(d.sample(&mut rng))).sum::<f64>() / f64::from(n);
+        assert!(close(m, d.mean(), 0.02), "{m} vs {}", d.mean());
+        assert!(close(
+            LengthDist::bounded(100.0, 0.5, 0.0, f64::INFINITY).mean(),
+            100.0 * (0.125f64).exp(),
+            1e-9
+        ));
     }
 }
