@@ -404,3 +404,67 @@ async fn sigterm_drains_in_flight_streams_then_exits() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn yaml_config_serves_aliases_and_weighted_splits_and_rejects_unknown_fields() {
+    let a = sim(&[]);
+    let b = sim(&[]);
+    let dir = std::env::temp_dir().join(format!("weir-router-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let cfg = dir.join("weir.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: 127.0.0.1:0\n\
+             pools:\n\
+             - {{name: pa, model: m, endpoints: ['{}'], policy: {{kind: least-requests}}}}\n\
+             - {{name: pb, model: m, endpoints: ['{}'], policy: {{kind: power-of-two}}}}\n\
+             models:\n\
+             - {{name: llama, aliases: [l3], targets: [{{pool: pa, weight: 1}}, {{pool: pb, weight: 1}}]}}\n",
+            a.url, b.url
+        ),
+    )
+    .expect("write config");
+    let cfg_path = cfg.to_str().expect("utf-8 path");
+    let r = spawn(
+        &["--log-format", "json", "serve", "--config", cfg_path],
+        |v| v["listen"].as_str().map(str::to_string),
+    );
+    let (mut to_a, mut to_b) = (0, 0);
+    for _ in 0..40 {
+        let body = json!({"model": "l3", "prompt": "x", "max_tokens": 1});
+        let (st, h, text) = post(&format!("{}/v1/completions", r.url), &body, &[]).await;
+        assert_eq!(st, 200, "{text}");
+        let ep = h["x-weir-endpoint"].to_str().unwrap().to_string();
+        if a.url.ends_with(&ep) {
+            to_a += 1;
+        } else if b.url.ends_with(&ep) {
+            to_b += 1;
+        }
+    }
+    assert_eq!(to_a + to_b, 40);
+    assert!(to_a >= 8 && to_b >= 8, "split {to_a}/{to_b}");
+    let models: Value =
+        serde_json::from_str(&get_text(&format!("{}/v1/models", r.url)).await).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec!["llama", "l3", "m"]);
+
+    std::fs::write(
+        &cfg,
+        "pools: [{name: pa, endpoint: ['http://127.0.0.1:1']}]\n",
+    )
+    .expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["serve", "--config", cfg_path])
+        .output()
+        .expect("run weir serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `endpoint`"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
