@@ -42,6 +42,20 @@ pub(crate) fn map_bytes<V>(m: &HashKeyed<V>) -> usize {
     buckets * (std::mem::size_of::<(u64, V)>() + 1)
 }
 
+/// A block's holder-chain head, plus a bitmask of its holders among pod slots 0..64 so pools of up to 64 pods look
+/// a block up with one hash probe instead of a chain walk (one cache miss per block, not one per holder).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Head {
+    first: u32,
+    mask: u64,
+}
+
+/// Bit of `pod` in a [`Head`] mask (0 for slots >= 64).
+#[inline]
+pub(crate) fn pod_bit(pod: u32) -> u64 {
+    if pod < 64 { 1u64 << pod } else { 0 }
+}
+
 /// One (block, pod) fact.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Entry {
@@ -91,8 +105,8 @@ pub(crate) struct Table {
     entries: Vec<Entry>,
     /// Free-list head through `l_next`.
     free: Option<u32>,
-    /// Block hash -> first entry of its holder chain.
-    heads: HashKeyed<u32>,
+    /// Block hash -> first entry of its holder chain and a bitmask of holders with pod slot < 64.
+    heads: HashKeyed<Head>,
     live: usize,
     /// Slab never grows past this many entries (the index's bound).
     max_entries: usize,
@@ -126,7 +140,7 @@ impl Table {
     /// A new entry at the front of `key`'s holder chain; not yet on any LRU list. The caller keeps `live` under the
     /// bound by evicting first.
     pub fn alloc(&mut self, key: u64, aux: u64, pod: u32) -> u32 {
-        let head = self.heads.get(&key).copied().unwrap_or(NIL);
+        let (head, mask) = self.heads.get(&key).map_or((NIL, 0), |h| (h.first, h.mask));
         let e = Entry {
             key,
             aux,
@@ -161,7 +175,13 @@ impl Table {
         if head != NIL {
             self.entries[head as usize].h_prev = slot;
         }
-        self.heads.insert(key, slot);
+        self.heads.insert(
+            key,
+            Head {
+                first: slot,
+                mask: mask | pod_bit(pod),
+            },
+        );
         self.live += 1;
         slot
     }
@@ -172,14 +192,27 @@ impl Table {
         if e.h_prev == NIL {
             if e.h_next == NIL {
                 self.heads.remove(&e.key);
-            } else {
-                self.heads.insert(e.key, e.h_next);
+            } else if let Some(h) = self.heads.get_mut(&e.key) {
+                h.first = e.h_next;
             }
         } else {
             self.entries[e.h_prev as usize].h_next = e.h_next;
         }
         if e.h_next != NIL {
             self.entries[e.h_next as usize].h_prev = e.h_prev;
+        }
+        // The pod may still hold the block through another entry (precise index: two engine hashes, one content).
+        if let Some(first) = self.heads.get(&e.key).map(|h| h.first) {
+            let mut mask = 0;
+            let mut s = first;
+            while s != NIL {
+                let x = &self.entries[s as usize];
+                mask |= pod_bit(x.pod);
+                s = x.h_next;
+            }
+            if let Some(h) = self.heads.get_mut(&e.key) {
+                h.mask = mask;
+            }
         }
         let f = &mut self.entries[slot as usize];
         f.h_prev = NIL;
@@ -192,7 +225,7 @@ impl Table {
 
     /// Entry for `(key, pod)` if present (walks the holder chain).
     pub fn find(&self, key: u64, pod: u32) -> Option<u32> {
-        let mut s = self.heads.get(&key).copied().unwrap_or(NIL);
+        let mut s = self.heads.get(&key).map_or(NIL, |h| h.first);
         while s != NIL {
             let e = &self.entries[s as usize];
             if e.pod == pod {
@@ -206,11 +239,74 @@ impl Table {
     /// Calls `f(pod)` for every holder of `key`.
     #[inline]
     pub fn for_holders(&self, key: u64, mut f: impl FnMut(u32)) {
-        let mut s = self.heads.get(&key).copied().unwrap_or(NIL);
+        let mut s = self.heads.get(&key).map_or(NIL, |h| h.first);
         while s != NIL {
             let e = &self.entries[s as usize];
             f(e.pod);
             s = e.h_next;
+        }
+    }
+
+    /// Holders of `key` among pod slots 0..64, as a bitmask.
+    #[inline]
+    pub fn mask(&self, key: u64) -> u64 {
+        self.heads.get(&key).map_or(0, |h| h.mask)
+    }
+
+    /// Consecutive matched blocks from block 0 per pod slot into `blocks` (zeroed, length = pod span). `extra(key,
+    /// add)` reports additional holders of a block (speculative entries) by calling `add(pod_slot)`. Pools of at most
+    /// 64 slots take the bitmask path; larger ones walk holder chains.
+    pub fn consecutive(
+        &self,
+        hashes: &[u64],
+        blocks: &mut [u32],
+        extra: impl Fn(u64, &mut dyn FnMut(u32)),
+    ) {
+        let span = blocks.len();
+        if span <= 64 {
+            let mut alive: u64 = if span == 64 {
+                u64::MAX
+            } else {
+                (1u64 << span) - 1
+            };
+            let mut stop = hashes.len() as u32;
+            for (i, &h) in hashes.iter().enumerate() {
+                let mut mask = self.mask(h);
+                extra(h, &mut |p| mask |= pod_bit(p));
+                let next = alive & mask;
+                let mut dropped = alive & !next;
+                while dropped != 0 {
+                    blocks[dropped.trailing_zeros() as usize] = i as u32;
+                    dropped &= dropped - 1;
+                }
+                alive = next;
+                if alive == 0 {
+                    stop = i as u32;
+                    break;
+                }
+            }
+            while alive != 0 {
+                blocks[alive.trailing_zeros() as usize] = stop;
+                alive &= alive - 1;
+            }
+            return;
+        }
+        for (i, &h) in hashes.iter().enumerate() {
+            let i = i as u32;
+            let mut any = false;
+            let mut bump = |p: u32| {
+                if let Some(m) = blocks.get_mut(p as usize)
+                    && *m == i
+                {
+                    *m = i + 1;
+                    any = true;
+                }
+            };
+            self.for_holders(h, &mut bump);
+            extra(h, &mut bump);
+            if !any {
+                break;
+            }
         }
     }
 
