@@ -358,6 +358,9 @@ impl Drop for RetryGuard<'_> {
     }
 }
 
+/// Base of the jittered backoff between attempts on different endpoints (Envoy's 25 ms).
+const RETRY_BACKOFF_BASE: Duration = Duration::from_millis(25);
+
 /// Why the last attempt failed.
 enum Failure {
     Timeout,
@@ -511,7 +514,15 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                 break;
             }
             app.active_retries.fetch_add(1, Ordering::Relaxed);
-            Some(RetryGuard(&app))
+            let guard = RetryGuard(&app);
+            let u = with_rng(|r| policies::pick::unit(r));
+            tokio::time::sleep(policies::pick::budget::backoff(
+                attempt,
+                RETRY_BACKOFF_BASE,
+                u,
+            ))
+            .await;
+            Some(guard)
         } else {
             None
         };

@@ -30,6 +30,14 @@ impl RetryBudget {
     }
 }
 
+/// Backoff before retry number `retry` (1 = first retry): full jitter over `base * 2^(retry-1)`, capped at
+/// `10 * base` (Envoy: 25 ms base, 10x max). `u` is a uniform draw in `[0, 1)` passed in by the caller.
+pub fn backoff(retry: u32, base: std::time::Duration, u: f64) -> std::time::Duration {
+    let exp = 1u32 << retry.saturating_sub(1).min(16);
+    let ceiling = base.saturating_mul(exp).min(base.saturating_mul(10));
+    ceiling.mul_f64(u.clamp(0.0, 1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +56,14 @@ mod tests {
         let b = RetryBudget::default();
         assert!(b.allows(100, 19));
         assert!(!b.allows(100, 20));
+    }
+
+    #[test]
+    fn backoff_doubles_then_caps_at_ten_times_base() {
+        let base = std::time::Duration::from_millis(25);
+        let full: Vec<u128> = (1..=6).map(|r| backoff(r, base, 1.0).as_millis()).collect();
+        assert_eq!(full, vec![25, 50, 100, 200, 250, 250]);
+        assert_eq!(backoff(3, base, 0.0), std::time::Duration::ZERO);
     }
 
     proptest! {
