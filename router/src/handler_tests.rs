@@ -186,6 +186,7 @@ async fn non_streaming_passes_through_with_request_id_and_traceparent() {
     let s = state(&format!("pools: [{{name: m, endpoints: ['{url}']}}]"));
     let req = Request::post("/v1/completions")
         .header("x-request-id", "abc-1")
+        .header("accept-encoding", "gzip")
         .header(
             "traceparent",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",

@@ -587,7 +587,12 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         if let Some(h) = rb.headers_mut() {
             h.reserve(headers.len() + 3);
             for (k, v) in &headers {
-                if !skip_header(k) && k != "traceparent" && k != "x-request-id" {
+                // No accept-encoding: the SSE scanner must see plain bytes (usage accounting and stripping).
+                if !skip_header(k)
+                    && k != "traceparent"
+                    && k != "x-request-id"
+                    && k != header::ACCEPT_ENCODING
+                {
                     h.append(k.clone(), v.clone());
                 }
             }
