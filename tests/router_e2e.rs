@@ -468,3 +468,60 @@ async fn yaml_config_serves_aliases_and_weighted_splits_and_rejects_unknown_fiel
     assert!(err.contains("unknown field `endpoint`"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A minimal Kubernetes API: lists one ready pod (IP 127.0.0.1) and holds watches open without events.
+async fn fake_kube_api() -> String {
+    async fn pods(uri: axum::http::Uri) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        if uri.query().unwrap_or("").contains("watch=true") {
+            let never = futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+            return axum::body::Body::from_stream(never).into_response();
+        }
+        axum::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": [{
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "vllm-0", "namespace": "default", "resourceVersion": "1",
+                         "labels": {"app": "vllm", "llm-d.ai/role": "prefill-decode"}},
+            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
+        }]}))
+        .into_response()
+    }
+    let app =
+        axum::Router::new().route("/api/v1/namespaces/default/pods", axum::routing::get(pods));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(l, app).await.ok() });
+    url
+}
+
+#[tokio::test]
+async fn endpoints_discovered_from_kubernetes_receive_traffic() {
+    let s = sim(&[]);
+    let port = s.url.rsplit(':').next().expect("port").to_string();
+    let api = fake_kube_api().await;
+    let r = spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--k8s-api",
+            &api,
+            "--k8s-selector",
+            "app=vllm",
+            "--k8s-ports",
+            &port,
+            "--k8s-pool",
+            "m",
+        ],
+        |v| v["listen"].as_str().map(str::to_string),
+    );
+    let url = format!("{}/v1/completions", r.url);
+    let body = json!({"model": "m", "prompt": "x", "max_tokens": 1});
+    eventually(10, "the discovered pod to serve", async || {
+        post(&url, &body, &[]).await.0 == 200
+    })
+    .await;
+    let (_, h, _) = post(&url, &body, &[]).await;
+    assert_eq!(h["x-weir-endpoint"], format!("vllm-0:{port}"));
+}

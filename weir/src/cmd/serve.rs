@@ -57,6 +57,24 @@ pub struct ServeArgs {
     /// Seed for pick randomness (default: from the clock; logged).
     #[arg(long)]
     seed: Option<u64>,
+    /// Kubernetes API base URL (plain HTTP, e.g. a `kubectl proxy` sidecar) to discover endpoints from.
+    #[arg(long, env = "WEIR_K8S_API")]
+    k8s_api: Option<String>,
+    /// Namespace of the model-server pods.
+    #[arg(long, env = "WEIR_K8S_NAMESPACE", default_value = "default")]
+    k8s_namespace: String,
+    /// Discover the pods and ports of this InferencePool (pool name = InferencePool name).
+    #[arg(long)]
+    k8s_inference_pool: Option<String>,
+    /// Or: discover pods carrying these labels (`k=v,k=v`) ...
+    #[arg(long)]
+    k8s_selector: Option<String>,
+    /// ... on these ports (`8000,8001`) ...
+    #[arg(long)]
+    k8s_ports: Option<String>,
+    /// ... reported as this pool (served model name unless config names the pool).
+    #[arg(long)]
+    k8s_pool: Option<String>,
     /// Worker threads (default: number of cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -126,6 +144,56 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<router::config::Config> {
     Ok(raw.validate()?)
 }
 
+/// The Kubernetes discovery source from the `--k8s-*` flags (must run inside the tokio runtime).
+fn kubernetes_source(
+    args: &ServeArgs,
+    api: &str,
+) -> anyhow::Result<router::discovery::kubernetes::KubernetesDiscovery> {
+    use router::discovery::kubernetes::{KubernetesDiscovery, Selection};
+    let url: hyper::Uri = api.parse().with_context(|| format!("--k8s-api `{api}`"))?;
+    let mut cfg = kube::Config::new(url);
+    cfg.default_namespace.clone_from(&args.k8s_namespace);
+    let client = kube::Client::try_from(cfg).context("building the Kubernetes client")?;
+    let selection = match (&args.k8s_inference_pool, &args.k8s_selector) {
+        (Some(pool), None) => Selection::InferencePool(pool.clone()),
+        (None, Some(sel)) => {
+            let mut match_labels = std::collections::BTreeMap::new();
+            for kv in sel.split(',').filter(|s| !s.is_empty()) {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--k8s-selector: `{kv}` is not k=v"))?;
+                match_labels.insert(k.to_string(), v.to_string());
+            }
+            let ports = args
+                .k8s_ports
+                .as_deref()
+                .unwrap_or("8000")
+                .split(',')
+                .map(|p| {
+                    p.trim()
+                        .parse::<u16>()
+                        .with_context(|| format!("--k8s-ports: `{p}`"))
+                })
+                .collect::<anyhow::Result<Vec<u16>>>()?;
+            let pool = args
+                .k8s_pool
+                .clone()
+                .context("--k8s-selector needs --k8s-pool")?;
+            Selection::Labels {
+                pool,
+                match_labels,
+                ports,
+            }
+        }
+        _ => anyhow::bail!("--k8s-api needs exactly one of --k8s-inference-pool or --k8s-selector"),
+    };
+    Ok(KubernetesDiscovery::new(
+        client,
+        &args.k8s_namespace,
+        selection,
+    )?)
+}
+
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
@@ -162,6 +230,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let seed = args.seed.unwrap_or(now.as_nanos() as u64 ^ u64::from(std::process::id()));
         let mut discovery = Discovery::new();
         discovery.add_static(&config);
+        if let Some(api) = &args.k8s_api {
+            let k8s = kubernetes_source(&args, api)?;
+            let tx = discovery.add_source("kubernetes");
+            tokio::spawn(k8s.run(tx));
+        }
         let registry = prometheus_client::registry::Registry::default();
         let state = router::start(&config, discovery, registry, now.as_secs(), seed);
         let listener = tokio::net::TcpListener::bind(config.listen)
