@@ -45,12 +45,16 @@ pub struct RawConfig {
     /// Client-facing model names with aliases and weighted splits over pools.
     #[serde(default)]
     pub models: Vec<RawModel>,
+    /// Upstream connect / first-byte / idle timeouts.
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    /// Attempts per request and the retry budget.
     #[serde(default)]
     pub retry: RawRetry,
+    /// Per-endpoint circuit breaker thresholds.
     #[serde(default)]
     pub breaker: RawBreaker,
+    /// `/metrics` scraping of endpoints.
     #[serde(default)]
     pub scrape: RawScrape,
     /// Largest accepted request body.
@@ -65,6 +69,7 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
+    /// Pool name (metric label, route target).
     pub name: String,
     /// Model name the endpoints serve (sent upstream); defaults to the pool name.
     #[serde(default)]
@@ -72,6 +77,7 @@ pub struct RawPool {
     /// Static endpoint base URLs (`http://host:port`).
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// Scheduling policy (default round-robin).
     #[serde(default)]
     pub policy: Option<RawPolicy>,
 }
@@ -99,7 +105,9 @@ pub enum RawPolicy {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawScorer {
+    /// Scorer name (`queue`, `kv-cache-utilization`, ...).
     pub name: String,
+    /// Weight in the total score (default 1).
     #[serde(default = "one")]
     pub weight: f64,
 }
@@ -112,9 +120,12 @@ fn one() -> f64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
+    /// Served name clients send as `model`.
     pub name: String,
+    /// Other names for the same route.
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// Pools and their traffic weights.
     pub targets: Vec<RawTarget>,
 }
 
@@ -122,7 +133,9 @@ pub struct RawModel {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTarget {
+    /// Pool name.
     pub pool: String,
+    /// Relative weight, 1..=1,000,000 (default 100).
     #[serde(default = "hundred")]
     pub weight: u32,
 }
@@ -134,32 +147,44 @@ fn hundred() -> u32 {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTimeouts {
+    /// TCP connect (default 1s).
     pub connect: Option<String>,
+    /// Request sent -> response head (default 300s; non-streaming covers the whole generation).
     pub first_byte: Option<String>,
+    /// Longest gap between body chunks (default 120s).
     pub idle: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
+    /// Attempts including the first (default 3; 1 disables retries).
     pub max_attempts: Option<u32>,
+    /// Retries allowed as a fraction of active requests (default 0.2).
     pub budget_ratio: Option<f64>,
+    /// Concurrent retries always allowed (default 3).
     pub budget_min: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBreaker {
+    /// Consecutive failures that open the breaker (default 5).
     pub failure_threshold: Option<u32>,
+    /// First ejection, doubled per failed probe (default 5s).
     pub base_ejection: Option<String>,
+    /// Longest ejection (default 120s).
     pub max_ejection: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawScrape {
+    /// Scrape period (default 100ms).
     pub interval: Option<String>,
+    /// Per-scrape timeout (default 1s).
     pub timeout: Option<String>,
+    /// Age after which scraped numbers are ignored (default 1s).
     pub stale_after: Option<String>,
 }
 

@@ -99,10 +99,15 @@ fn bad_request(message: impl Into<String>, param: Option<&str>, code: &str) -> A
 /// A validated view of the request.
 #[derive(Debug)]
 pub struct Parsed {
+    /// Client-facing model name (route or alias).
     pub model: String,
+    /// SSE response requested.
     pub stream: bool,
+    /// The client set `stream_options.include_usage`, so the usage chunk is theirs to see.
     pub client_wants_usage: bool,
+    /// `stream_options` is present (the byte splice cannot add a second one).
     pub has_stream_options: bool,
+    /// `max_completion_tokens` or `max_tokens`, for the in-flight token estimate.
     pub max_tokens: Option<u32>,
 }
 
@@ -447,11 +452,17 @@ fn retry_after_secs(app: &AppState, pool: &Pool, now: std::time::Instant) -> u64
 
 /// Everything the proxy needs from a handler.
 pub struct Forward {
+    /// Which upstream path to call.
     pub api: Api,
+    /// Client headers, forwarded minus hop-by-hop ones.
     pub headers: HeaderMap,
+    /// The original body, kept for retries and forwarded untouched when nothing changes.
     pub body: Bytes,
+    /// What the router read from the body.
     pub parsed: Parsed,
+    /// `x-request-id`, echoed to the client and sent upstream.
     pub request_id: HeaderValue,
+    /// Arrival time, for TTFT and end-to-end latency.
     pub start: tokio::time::Instant,
 }
 

@@ -342,6 +342,36 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_chunking_forwards_every_byte_except_the_stripped_usage_chunk(
+            tokens in 0usize..6,
+            cuts in proptest::collection::vec(0usize..2000, 0..8),
+            strip in proptest::bool::ANY,
+        ) {
+            let mut all = CHUNK.repeat(tokens);
+            all.push_str(USAGE);
+            all.push_str(DONE);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (all.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut s = SseScanner::new(strip);
+            let mut out = Vec::new();
+            let mut events = 0;
+            let mut prev = 0;
+            for c in cuts.into_iter().chain([all.len()]) {
+                let (b, st) = s.push(&all.as_bytes()[prev..c]);
+                out.extend_from_slice(&b);
+                events += st.token_events;
+                prev = c;
+            }
+            let expected = if strip { format!("{}{DONE}", CHUNK.repeat(tokens)) } else { all.clone() };
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), expected);
+            proptest::prop_assert_eq!(events as usize, tokens);
+            proptest::prop_assert_eq!(s.usage, Some(Usage { prompt_tokens: 3, completion_tokens: 2 }));
+            proptest::prop_assert!(s.saw_done);
+        }
+    }
+
     #[test]
     fn notices_error_events() {
         let mut s = SseScanner::new(true);
