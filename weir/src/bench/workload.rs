@@ -1,32 +1,30 @@
-//! Workload presets and trace replay: what each benchmark request asks for (prompt text, output length, arrival
-//! time), drawn from an RNG the caller passes in, so a seed fixes the whole request sequence.
+//! Workload presets and trace replay for `weir bench`: what each benchmark request asks for (prompt text, output
+//! length, arrival time). Presets are the simulator's seeded generators ([`sim::workload`]), drawn one request at a
+//! time, so `weir bench` against a live server and `weir replay` in virtual time run the same workloads; this module
+//! only maps bench's preset names onto them and turns each drawn request into text.
 //!
-//! Prompts are random text built to hit a token count under `policies::tokens::ByteTokenizer` (4 ASCII bytes per
-//! token, so `n` tokens = `4n` bytes). Shared prefixes share their leading text byte for byte, so any prefix cache
-//! (the simulator's, vLLM's, a router's index) sees the same leading tokens.
+//! Prompts are text built to hit a token count under `policies::tokens::ByteTokenizer` (one 4-byte word per token,
+//! so `n` tokens = `4n` bytes), derived from a text seed the caller's RNG fixes. Shared prefixes share their leading
+//! text byte for byte, so any prefix cache (the simulator's, vLLM's, a router's index) sees the same leading tokens.
 //!
-//! Length distributions (lognormal fitted to median and p90 of the published traces, clamped):
+//! Presets (lengths and fits documented on [`sim::workload::Workload`]):
 //! - `tiny`: 8 tokens in, 1 out (proxy overhead).
-//! - `chat`: Azure 2023 conversation; input median 1020, p90 2734 (sigma 0.77, clamp 4..16384); output median 129,
-//!   p90 424 (sigma 0.93, clamp 1..2048).
-//! - `code-completion`: Azure 2023 code; input median 1469, p90 5188 (sigma 0.99, clamp 4..16384); output median 13,
-//!   mean 28 (sigma 1.24, clamp 1..512).
-//! - `long-context-rag`: Mooncake-like long inputs; input median 6909, mean ~12k (sigma 1.05, clamp 1024..30000);
-//!   output median 343 (sigma 0.5, clamp 16..1024).
-//! - `batch`: offline summarisation; input median 1500 (sigma 0.6, clamp 64..8192), output median 600 (sigma 0.4,
-//!   clamp 64..2048).
-//! - `long-prompt-mix`: ISL 8192, OSL 512 (fixed).
+//! - `chat`: Azure 2023 conversation (`azure-conv`); `code-completion`: Azure 2023 code (`azure-code`).
+//! - `long-context-rag`: Mooncake-like long inputs; `batch`: offline summarisation; `long-prompt-mix`: ISL 8192,
+//!   OSL 512 (`long-prompt`).
 //! - `shared-prefix`: G groups x P prompts, system S tokens shared per group + question Q tokens unique per prompt,
 //!   output O; each request picks a (group, prompt) uniformly. inference-perf defaults 10x10, S 100, Q 50, O 50;
 //!   `shared-prefix-llm-d` is llm-d's headline 150x5, S 6000, Q 1200, O 1000.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, LogNormal};
+use rand::Rng;
 use serde::Deserialize;
+use sim::workload::{Sampler, TraceRequest, Workload};
+
+/// Shape of a shared-prefix workload (G, P, S, Q, O): the simulator's type.
+pub use sim::workload::SharedPrefixSpec as SharedPrefix;
 
 /// One request the load generator will send.
 #[derive(Debug, Clone)]
@@ -43,38 +41,17 @@ pub struct RequestSpec {
     pub at: Option<f64>,
 }
 
-/// Shape of a shared-prefix workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SharedPrefix {
-    /// Number of distinct system prompts (G).
-    pub groups: u32,
-    /// Distinct questions per group (P).
-    pub prompts_per_group: u32,
-    /// System prompt tokens shared within a group (S).
-    pub system_tokens: u32,
-    /// Question tokens unique per prompt (Q).
-    pub question_tokens: u32,
-    /// Output tokens per request (O).
-    pub output_tokens: u32,
-}
-
-impl SharedPrefix {
-    /// inference-perf's defaults: 10 x 10, S 100, Q 50, O 50.
-    pub const INFERENCE_PERF: Self = Self {
-        groups: 10,
-        prompts_per_group: 10,
-        system_tokens: 100,
-        question_tokens: 50,
-        output_tokens: 50,
-    };
-    /// llm-d's headline benchmark: 150 x 5, S 6000, Q 1200, O 1000.
-    pub const LLM_D: Self = Self {
-        groups: 150,
-        prompts_per_group: 5,
-        system_tokens: 6000,
-        question_tokens: 1200,
-        output_tokens: 1000,
-    };
+impl RequestSpec {
+    /// The text of a simulator request: its group's prefix as `system`, the rest as `user`.
+    fn from_trace(r: &TraceRequest, text_seed: u64, at: Option<f64>) -> Self {
+        Self {
+            system: r.prefix_group.map(|_| Arc::from(r.prefix_text(text_seed))),
+            user: r.unique_text(text_seed),
+            prompt_tokens: Some(r.prompt_len()),
+            max_tokens: r.output_tokens,
+            at,
+        }
+    }
 }
 
 /// A named preset, parsed from `--workload`.
@@ -89,150 +66,48 @@ pub enum Preset {
     LongPromptMix,
 }
 
-/// Lognormal length with clamps, parameterised by median and sigma.
-#[derive(Debug, Clone, Copy)]
-struct Lengths {
-    /// The distribution (mu = ln median).
-    dist: LogNormal<f64>,
-    /// Smallest length drawn.
-    min: u32,
-    /// Largest length drawn.
-    max: u32,
-}
-
-impl Lengths {
-    /// Start-up only, with the constant parameters above (a finite positive sigma cannot fail).
-    fn new(median: f64, sigma: f64, min: u32, max: u32) -> Self {
-        #[allow(clippy::expect_used)]
-        let dist = LogNormal::new(median.ln(), sigma).expect("finite positive sigma");
-        Self { dist, min, max }
-    }
-
-    fn sample(&self, rng: &mut impl Rng) -> u32 {
-        let x = self.dist.sample(rng).round();
-        (x.clamp(f64::from(self.min), f64::from(self.max))) as u32
+impl Preset {
+    /// The simulator workload this preset draws from.
+    pub fn workload(self) -> Workload {
+        match self {
+            Preset::Tiny => Workload::Tiny,
+            Preset::Chat => Workload::AzureConv,
+            Preset::SharedPrefix(spec) => Workload::SharedPrefix(spec),
+            Preset::LongContextRag => Workload::LongContextRag,
+            Preset::CodeCompletion => Workload::AzureCode,
+            Preset::Batch => Workload::Batch,
+            Preset::LongPromptMix => Workload::LongPrompt,
+        }
     }
 }
 
-/// Draws request specs for a preset. Shared text (system prompts, questions) is built once at construction.
+/// Draws request specs for a preset, one at a time, from the simulator's sampler.
 #[derive(Debug)]
 pub struct Generator {
-    /// What to draw.
-    kind: Kind,
-}
-
-#[derive(Debug)]
-enum Kind {
-    Fixed {
-        input: u32,
-        output: u32,
-    },
-    Random {
-        input: Lengths,
-        output: Lengths,
-    },
-    Shared {
-        spec: SharedPrefix,
-        systems: Vec<Arc<str>>,
-        questions: Vec<String>,
-    },
+    /// The preset's lengths and prefix structure.
+    sampler: Sampler,
+    /// Seed of every prompt's text, drawn at construction so the run's seed fixes it.
+    text_seed: u64,
+    /// Requests drawn so far; the next one's identity, so all-unique prompts never repeat within a run.
+    drawn: AtomicU64,
 }
 
 impl Generator {
-    /// Build a generator; shared-prefix text is drawn from `rng` here.
+    /// Build a generator; the text seed is drawn from `rng` here.
     pub fn new(preset: Preset, rng: &mut impl Rng) -> Self {
-        let kind = match preset {
-            Preset::Tiny => Kind::Fixed {
-                input: 8,
-                output: 1,
-            },
-            Preset::LongPromptMix => Kind::Fixed {
-                input: 8192,
-                output: 512,
-            },
-            Preset::Chat => Kind::Random {
-                input: Lengths::new(1020.0, 0.77, 4, 16_384),
-                output: Lengths::new(129.0, 0.93, 1, 2048),
-            },
-            Preset::CodeCompletion => Kind::Random {
-                input: Lengths::new(1469.0, 0.99, 4, 16_384),
-                output: Lengths::new(13.0, 1.24, 1, 512),
-            },
-            Preset::LongContextRag => Kind::Random {
-                input: Lengths::new(6909.0, 1.05, 1024, 30_000),
-                output: Lengths::new(343.0, 0.5, 16, 1024),
-            },
-            Preset::Batch => Kind::Random {
-                input: Lengths::new(1500.0, 0.6, 64, 8192),
-                output: Lengths::new(600.0, 0.4, 64, 2048),
-            },
-            Preset::SharedPrefix(spec) => {
-                let systems = (0..spec.groups)
-                    .map(|_| Arc::from(text(rng, spec.system_tokens)))
-                    .collect();
-                let questions = (0..spec.groups * spec.prompts_per_group)
-                    .map(|_| text(rng, spec.question_tokens))
-                    .collect();
-                Kind::Shared {
-                    spec,
-                    systems,
-                    questions,
-                }
-            }
-        };
-        Self { kind }
+        Self {
+            sampler: preset.workload().sampler(),
+            text_seed: rng.random(),
+            drawn: AtomicU64::new(0),
+        }
     }
 
-    /// The next request.
+    /// The next request; lengths and the shared-prefix question are drawn from `rng`.
     pub fn next_spec(&self, rng: &mut impl Rng) -> RequestSpec {
-        match &self.kind {
-            Kind::Fixed { input, output } => RequestSpec {
-                system: None,
-                user: text(rng, *input),
-                prompt_tokens: Some(*input),
-                max_tokens: *output,
-                at: None,
-            },
-            Kind::Random { input, output } => {
-                let (i, o) = (input.sample(rng), output.sample(rng));
-                RequestSpec {
-                    system: None,
-                    user: text(rng, i),
-                    prompt_tokens: Some(i),
-                    max_tokens: o,
-                    at: None,
-                }
-            }
-            Kind::Shared {
-                spec,
-                systems,
-                questions,
-            } => {
-                let g = rng.random_range(0..spec.groups.max(1)) as usize;
-                let p = rng.random_range(0..spec.prompts_per_group.max(1)) as usize;
-                let q = g * spec.prompts_per_group as usize + p;
-                RequestSpec {
-                    system: systems.get(g).cloned(),
-                    user: questions.get(q).cloned().unwrap_or_default(),
-                    prompt_tokens: Some(spec.system_tokens + spec.question_tokens),
-                    max_tokens: spec.output_tokens,
-                    at: None,
-                }
-            }
-        }
+        let index = self.drawn.fetch_add(1, Ordering::Relaxed);
+        let r = self.sampler.draw(index, 0.0, rng);
+        RequestSpec::from_trace(&r, self.text_seed, None)
     }
-}
-
-/// Random lowercase text of exactly `tokens` ByteTokenizer tokens: `tokens` chunks of three letters and a space.
-pub fn text(rng: &mut impl Rng, tokens: u32) -> String {
-    let mut s = String::with_capacity(tokens as usize * 4);
-    for _ in 0..tokens {
-        for _ in 0..3 {
-            s.push(char::from(b'a' + rng.random_range(0..26u8)));
-        }
-        s.push(' ');
-    }
-    s
 }
 
 /// One line of a `--trace` JSONL file.
@@ -311,21 +186,17 @@ pub fn parse_trace(src: &str) -> Result<Vec<TraceEntry>, TraceError> {
 /// Turns trace entries into request specs; prefix groups get deterministic shared text derived from `seed`.
 #[derive(Debug)]
 pub struct TraceBuilder {
-    /// Seed for per-group prefix text.
+    /// Text seed: group `g`'s prefix text depends only on it and `g`.
     seed: u64,
-    /// Longest prefix text drawn so far per group (shorter prefixes are its leading bytes).
-    groups: HashMap<u64, Arc<str>>,
 }
 
 impl TraceBuilder {
     pub fn new(seed: u64) -> Self {
-        Self {
-            seed,
-            groups: HashMap::new(),
-        }
+        Self { seed }
     }
 
-    /// The spec for one entry; unique text is drawn from `rng`.
+    /// The spec for one entry: literal prompts as is; otherwise the group's first `prefix_tokens` tokens of shared
+    /// text (default half the prompt) then unique text whose identity is drawn from `rng`.
     pub fn spec(&mut self, e: &TraceEntry, rng: &mut impl Rng) -> RequestSpec {
         if let Some(p) = &e.prompt {
             return RequestSpec {
@@ -337,36 +208,19 @@ impl TraceBuilder {
             };
         }
         let total = e.prompt_tokens.unwrap_or(1);
-        let (system, unique) = match e.prefix_group {
-            Some(g) => {
-                let shared = e.prefix_tokens.unwrap_or(total / 2).min(total);
-                (Some(self.prefix(g, shared)), total - shared)
-            }
-            None => (None, total),
+        let shared = match e.prefix_group {
+            Some(_) => e.prefix_tokens.unwrap_or(total / 2).min(total),
+            None => 0,
         };
-        RequestSpec {
-            system,
-            user: text(rng, unique),
-            prompt_tokens: Some(total),
-            max_tokens: e.output_tokens,
-            at: Some(e.t),
-        }
-    }
-
-    /// The first `tokens` tokens of group `g`'s text (the same bytes every time).
-    fn prefix(&mut self, g: u64, tokens: u32) -> Arc<str> {
-        let bytes = tokens as usize * 4;
-        let have = self.groups.get(&g).map_or(0, |s| s.len());
-        if have < bytes {
-            let mut rng =
-                SmallRng::seed_from_u64(self.seed ^ g.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            self.groups.insert(g, Arc::from(text(&mut rng, tokens)));
-        }
-        match self.groups.get(&g) {
-            Some(s) if s.len() == bytes => s.clone(),
-            Some(s) => Arc::from(&s[..bytes]),
-            None => Arc::from(""),
-        }
+        let r = TraceRequest {
+            arrival_s: e.t,
+            prefix_group: e.prefix_group,
+            prefix_tokens: shared,
+            unique_tokens: total - shared,
+            output_tokens: e.output_tokens,
+            unique_seed: rng.random(),
+        };
+        RequestSpec::from_trace(&r, self.seed, Some(e.t))
     }
 }
 
@@ -374,17 +228,85 @@ impl TraceBuilder {
 mod tests {
     use super::*;
     use policies::tokens::{ByteTokenizer, Tokenizer};
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
 
     fn rng() -> SmallRng {
         SmallRng::seed_from_u64(7)
     }
 
+    const ALL: [Preset; 8] = [
+        Preset::Tiny,
+        Preset::Chat,
+        Preset::SharedPrefix(SharedPrefix::INFERENCE_PERF),
+        Preset::SharedPrefix(SharedPrefix::LLM_D),
+        Preset::LongContextRag,
+        Preset::CodeCompletion,
+        Preset::Batch,
+        Preset::LongPromptMix,
+    ];
+
     #[test]
-    fn text_hits_the_token_count_exactly() {
-        for n in [0, 1, 8, 1000] {
-            let t = text(&mut rng(), n);
-            assert_eq!(ByteTokenizer.encode(&t).len(), n as usize);
+    fn every_preset_hits_its_token_count_exactly() {
+        for p in ALL {
+            let g = Generator::new(p, &mut rng());
+            let mut r = rng();
+            for _ in 0..5 {
+                let s = g.next_spec(&mut r);
+                let full = format!("{}{}", s.system.as_deref().unwrap_or(""), s.user);
+                let want = s.prompt_tokens.unwrap_or(0) as usize;
+                assert!(want > 0, "{p:?}");
+                assert_eq!(ByteTokenizer.encode(&full).len(), want, "{p:?}");
+                assert!(s.max_tokens >= 1);
+            }
         }
+    }
+
+    #[test]
+    fn presets_draw_the_simulators_workloads() {
+        let names: Vec<&str> = ALL.iter().map(|p| p.workload().name()).collect();
+        assert_eq!(
+            names,
+            [
+                "tiny",
+                "azure-conv",
+                "shared-prefix",
+                "llmd-shared-prefix",
+                "long-context-rag",
+                "azure-code",
+                "batch",
+                "long-prompt"
+            ]
+        );
+        // Lengths are exactly the sampler's draws from the same RNG stream.
+        let g = Generator::new(Preset::CodeCompletion, &mut rng());
+        let s = Workload::AzureCode.sampler();
+        let (mut a, mut b) = (rng(), rng());
+        for i in 0..50 {
+            let spec = g.next_spec(&mut a);
+            let r = s.draw(i, 0.0, &mut b);
+            assert_eq!(
+                (spec.prompt_tokens, spec.max_tokens),
+                (Some(r.prompt_len()), r.output_tokens)
+            );
+        }
+    }
+
+    #[test]
+    fn unique_prompts_do_not_repeat_and_the_seed_sets_the_text() {
+        let g = Generator::new(Preset::Tiny, &mut rng());
+        let mut r = rng();
+        let mut users: Vec<String> = (0..500).map(|_| g.next_spec(&mut r).user).collect();
+        users.sort_unstable();
+        users.dedup();
+        assert_eq!(users.len(), 500);
+        let other = Generator::new(Preset::Tiny, &mut SmallRng::seed_from_u64(8));
+        assert_ne!(
+            other.next_spec(&mut rng()).user,
+            Generator::new(Preset::Tiny, &mut rng())
+                .next_spec(&mut rng())
+                .user
+        );
     }
 
     #[test]
