@@ -1,9 +1,10 @@
 //! `weir bench` end to end: the real binary against an in-process fake OpenAI server whose timing and failures the
 //! test controls (fixed TTFT and inter-token gaps, `X-Return-Error`, a dead port), checking the JSON report.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)] // the fake server below
 
-use std::process::{Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -150,55 +151,13 @@ async fn fake(ttft_ms: u64, itl_ms: u64) -> (String, Arc<Fake>) {
 
 /// Run `weir bench <args> --json <tmp>` to completion (killed after `limit`); returns the report and wall time.
 async fn bench(args: &[&str], limit: Duration) -> (Value, Duration) {
-    let dir = std::env::temp_dir().join(format!(
-        "weir-bench-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json_path = dir.join("report.json");
-    let started = tokio::time::Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .arg("bench")
-        .args(args)
-        .arg("--json")
-        .arg(&json_path)
-        .arg("--no-progress")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("weir bench did not stop within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let took = started.elapsed();
-    let out = child.wait_with_output().unwrap();
+    let run = common::run_bench(args, limit).await;
     assert!(
-        status.success(),
-        "weir bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        run.stdout.contains("TTFT") && run.stdout.contains("request throughput"),
+        "table on stdout: {}",
+        run.stdout
     );
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.contains("TTFT") && table.contains("request throughput"),
-        "table on stdout: {table}"
-    );
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    (report, took)
-}
-
-fn rand_suffix() -> u64 {
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::SeqCst)
+    (run.report, run.took)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

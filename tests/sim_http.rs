@@ -1,83 +1,25 @@
 //! End-to-end: the real `weir sim` binary over HTTP — SSE framing, both APIs, prefix-cache metrics, bad inputs,
 //! fault hooks.
 
-#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
+use common::{MODEL, Weir, client, get_status, metric, post_json as post, scrape, sse_json};
 use serde_json::{Value, json};
 
-/// A `weir sim` process, killed on drop.
-struct Sim {
-    child: Child,
-    url: String,
-}
-
-impl Sim {
-    fn start(extra: &[&str]) -> Sim {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args([
-                "sim",
-                "--port",
-                "0",
-                "--time-scale",
-                "50",
-                "--startup-delay",
-                "0",
-                "--jitter",
-                "0",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn weir sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("endpoints line");
-        let v: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("bad endpoints json {line:?}: {e}"));
-        let url = v["endpoints"][0]["url"].as_str().expect("url").to_string();
-        Sim { child, url }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
-
-async fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut r = reqwest::Client::new().post(url).json(body);
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    let res = r.send().await.expect("send");
-    let status = res.status().as_u16();
-    (status, res.text().await.expect("body"))
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing"))
+/// A `weir sim` at time-scale 50 without step jitter, `extra` flags appended; ready.
+async fn sim(extra: &[&str]) -> Weir {
+    let mut args = vec!["--jitter", "0"];
+    args.extend_from_slice(extra);
+    Weir::sim(&args).await
 }
 
 #[tokio::test]
 async fn streaming_chat_ends_with_usage_then_done() {
-    let sim = Sim::start(&[]);
+    let sim = sim(&[]).await;
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me about GPUs"}],
         "max_tokens": 8, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
-    let res = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", sim.url))
+    let res = client()
+        .post(format!("{}/v1/chat/completions", sim.url()))
         .json(&body)
         .send()
         .await
@@ -100,7 +42,8 @@ async fn streaming_chat_ends_with_usage_then_done() {
         "{text}"
     );
     assert_eq!(events.len(), 1 + 8 + 1 + 1);
-    let j = |i: usize| serde_json::from_str::<Value>(&events[i]["data: ".len()..]).unwrap();
+    let evs = sse_json(&text);
+    let j = |i: usize| evs[i].clone();
     assert_eq!(
         j(0)["choices"][0]["delta"],
         json!({"role": "assistant", "content": ""})
@@ -121,9 +64,9 @@ async fn streaming_chat_ends_with_usage_then_done() {
 
 #[tokio::test]
 async fn non_stream_both_apis() {
-    let sim = Sim::start(&["--enable-prompt-tokens-details"]);
+    let sim = sim(&["--enable-prompt-tokens-details"]).await;
     let (st, b) = post(
-        &format!("{}/v1/completions", sim.url),
+        &format!("{}/v1/completions", sim.url()),
         &json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "ignore_eos": true}),
         &[("x-request-id", "req-1")],
     )
@@ -137,7 +80,7 @@ async fn non_stream_both_apis() {
     let text = v["choices"][0]["text"].as_str().unwrap().to_string();
     // Deterministic: the same request gives the same text.
     let (_, b2) = post(
-        &format!("{}/v1/completions", sim.url),
+        &format!("{}/v1/completions", sim.url()),
         &json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "ignore_eos": true}),
         &[],
     )
@@ -147,7 +90,7 @@ async fn non_stream_both_apis() {
         text.as_str()
     );
     let (st, b) = post(
-        &format!("{}/v1/chat/completions", sim.url),
+        &format!("{}/v1/chat/completions", sim.url()),
         &json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                 "max_completion_tokens": 3, "max_tokens": 100, "ignore_eos": true}),
         &[],
@@ -165,30 +108,20 @@ async fn non_stream_both_apis() {
 
 #[tokio::test]
 async fn repeated_long_prompt_hits_prefix_cache() {
-    let sim = Sim::start(&[]);
+    let sim = sim(&[]).await;
     let prompt =
         "You are a careful assistant that explains Kubernetes scheduling in depth. ".repeat(40);
     let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
-    let url = format!("{}/v1/completions", sim.url);
+    let url = format!("{}/v1/completions", sim.url());
     let (_, first) = post(&url, &body, &[]).await;
     let prompt_tokens = serde_json::from_str::<Value>(&first).unwrap()["usage"]["prompt_tokens"]
         .as_u64()
         .unwrap();
     let m = |t: String| metric(&t, "vllm:prefix_cache_hits_total");
-    let before = m(reqwest::get(format!("{}/metrics", sim.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap());
+    let before = m(scrape(sim.url()).await);
     let (st, _) = post(&url, &body, &[]).await;
     assert_eq!(st, 200);
-    let after = m(reqwest::get(format!("{}/metrics", sim.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap());
+    let after = m(scrape(sim.url()).await);
     let cached_blocks = (prompt_tokens - 1) / 16;
     assert!(
         after - before >= (cached_blocks * 16) as f64,
@@ -198,8 +131,8 @@ async fn repeated_long_prompt_hits_prefix_cache() {
 
 #[tokio::test]
 async fn bad_inputs_get_status_and_body() {
-    let sim = Sim::start(&["--max-body-bytes", "20000", "--max-model-len", "2048"]);
-    let chat = format!("{}/v1/chat/completions", sim.url);
+    let sim = sim(&["--max-body-bytes", "20000", "--max-model-len", "2048"]).await;
+    let chat = format!("{}/v1/chat/completions", sim.url());
     let msg = json!([{"role": "user", "content": "x"}]);
     let cases = vec![
         (
@@ -255,7 +188,7 @@ async fn bad_inputs_get_status_and_body() {
         b.contains("4000") && b.contains("2048"),
         "message gives both numbers: {b}"
     );
-    let client = reqwest::Client::new();
+    let client = client();
     for raw in [b"{\"model\": ".to_vec(), vec![0xff, 0xfe, 0x00]] {
         let res = client
             .post(&chat)
@@ -269,14 +202,14 @@ async fn bad_inputs_get_status_and_body() {
         assert_eq!(v["error"]["code"], 400);
     }
     let big = json!({"model": MODEL, "prompt": "a".repeat(30000)});
-    let (st, b) = post(&format!("{}/v1/completions", sim.url), &big, &[]).await;
+    let (st, b) = post(&format!("{}/v1/completions", sim.url()), &big, &[]).await;
     assert_eq!(st, 413);
     assert_eq!(
         serde_json::from_str::<Value>(&b).unwrap()["error"]["code"],
         413
     );
     let (st, b) = post(
-        &format!("{}/v1/completions", sim.url),
+        &format!("{}/v1/completions", sim.url()),
         &json!({"model": MODEL, "prompt": ["a", "b"]}),
         &[],
     )
@@ -294,8 +227,8 @@ async fn bad_inputs_get_status_and_body() {
 
 #[tokio::test]
 async fn x_return_error_and_api_key() {
-    let sim = Sim::start(&["--api-key", "sekret"]);
-    let chat = format!("{}/v1/chat/completions", sim.url);
+    let sim = sim(&["--api-key", "sekret"]).await;
+    let chat = format!("{}/v1/chat/completions", sim.url());
     let body =
         json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2});
     let (st, b) = post(&chat, &body, &[]).await;
@@ -309,22 +242,16 @@ async fn x_return_error_and_api_key() {
     );
     let (st, _) = post(&chat, &body, &[auth]).await;
     assert_eq!(st, 200);
-    assert_eq!(
-        reqwest::get(format!("{}/health", sim.url))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get_status(&format!("{}/health", sim.url())).await, 200);
 }
 
 #[tokio::test]
 async fn crash_drops_the_stream() {
-    let sim = Sim::start(&["--crash-after-tokens", "2"]);
+    let sim = sim(&["--crash-after-tokens", "2"]).await;
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10,
         "ignore_eos": true, "stream": true});
-    let res = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", sim.url))
+    let res = client()
+        .post(format!("{}/v1/chat/completions", sim.url()))
         .json(&body)
         .send()
         .await

@@ -1,58 +1,18 @@
 //! End-to-end: a ZMQ subscriber rebuilding the block set from `weir sim`'s KV events (with replay filling the gap
 //! before the subscription took effect) ends equal to the engine's cached set, across evictions and a cache reset.
 
-#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+#![allow(clippy::unwrap_used)] // the replay helper below
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{Weir, client};
 use policies::kv_events::{KvCacheEvent, decode_batch};
 use serde_json::{Value, json};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
-
-struct Sim {
-    child: Child,
-    ep: Value,
-}
-
-impl Sim {
-    fn start(extra: &[&str]) -> Sim {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args([
-                "sim",
-                "--port",
-                "0",
-                "--time-scale",
-                "50",
-                "--startup-delay",
-                "0",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn weir sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("endpoints line");
-        let v: Value = serde_json::from_str(&line).expect("endpoints json");
-        Sim {
-            child,
-            ep: v["endpoints"][0].clone(),
-        }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn apply(set: &mut BTreeSet<u64>, events: &[KvCacheEvent]) {
     for e in events {
@@ -97,13 +57,14 @@ async fn replay(endpoint: &str, start: u64) -> BTreeMap<u64, Bytes> {
 
 #[tokio::test]
 async fn subscriber_rebuild_matches_engine_after_evictions_and_reset() {
-    let sim = Sim::start(&["--num-gpu-blocks", "64", "--kv-events-port", "0"]);
-    let url = sim.ep["url"].as_str().unwrap().to_string();
-    let model = sim.ep["model"].as_str().unwrap().to_string();
+    let sim = Weir::sim(&["--num-gpu-blocks", "64", "--kv-events-port", "0"]).await;
+    let ep = sim.endpoint(0).clone();
+    let url = sim.url().to_string();
+    let model = ep["model"].as_str().unwrap().to_string();
     let topic_expected = format!("kv@{}@{model}", url.trim_start_matches("http://"));
 
     let mut sub = zeromq::SubSocket::new();
-    sub.connect(sim.ep["kv_events"].as_str().unwrap())
+    sub.connect(ep["kv_events"].as_str().unwrap())
         .await
         .unwrap();
     sub.subscribe("").await.unwrap();
@@ -117,7 +78,7 @@ async fn subscriber_rebuild_matches_engine_after_evictions_and_reset() {
     });
 
     // A seeded random workload: shared system prefixes, varied suffixes, enough tokens to overflow 63 blocks.
-    let client = reqwest::Client::new();
+    let client = client();
     let mut x: u64 = 42;
     let mut next = || {
         x = x
@@ -179,7 +140,7 @@ async fn subscriber_rebuild_matches_engine_after_evictions_and_reset() {
             let seq = u64::from_be_bytes(<[u8; 8]>::try_from(frames[1].as_ref()).unwrap());
             live.insert(seq, frames[2].clone());
         }
-        let all = replay(sim.ep["replay"].as_str().unwrap(), 0).await;
+        let all = replay(ep["replay"].as_str().unwrap(), 0).await;
         let mut set = BTreeSet::new();
         for p in all.values() {
             apply(&mut set, &decode_batch(p).unwrap().events);
@@ -218,6 +179,6 @@ async fn subscriber_rebuild_matches_engine_after_evictions_and_reset() {
     );
     // Replay from the middle returns only the tail.
     let mid = replayed.len() as u64 / 2;
-    let tail = replay(sim.ep["replay"].as_str().unwrap(), mid).await;
+    let tail = replay(ep["replay"].as_str().unwrap(), mid).await;
     assert_eq!(tail.keys().next().copied(), Some(mid));
 }

@@ -1,93 +1,28 @@
 //! End-to-end P/D: a prefill pod and a decode pod (two processes) answer with the same tokens as one `both` pod, and
 //! the decode pod's TTFT reflects the KV transfer rather than a prefill.
 
-#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
+use common::{Weir, metric, post_json, scrape};
 use serde_json::{Value, json};
 
-struct Sim {
-    child: Child,
-    url: String,
+/// A `weir sim` in `role` at time-scale 10 (so host scheduling hiccups don't swamp model-time TTFT), no jitter.
+async fn sim(role: &str) -> Weir {
+    let w = Weir::sim_at("10", &["--jitter", "0", "--role", role]).await;
+    assert_eq!(w.endpoint(0)["role"], role);
+    w
 }
 
-impl Sim {
-    fn start(role: &str) -> Sim {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args([
-                "sim",
-                "--port",
-                "0",
-                "--time-scale",
-                "10",
-                "--startup-delay",
-                "0",
-                "--jitter",
-                "0",
-                "--role",
-                role,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn weir sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("endpoints line");
-        let v: Value = serde_json::from_str(&line).expect("endpoints json");
-        assert_eq!(v["endpoints"][0]["role"], role);
-        Sim {
-            child,
-            url: v["endpoints"][0]["url"].as_str().unwrap().to_string(),
-        }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing"))
-}
-
+/// POST a completion that must succeed; its JSON.
 async fn post(url: String, body: &Value) -> Value {
-    let res = reqwest::Client::new()
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    res.json().await.unwrap()
-}
-
-async fn metrics(url: &str) -> String {
-    reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    let (st, text) = post_json(&url, body, &[]).await;
+    assert_eq!(st, 200);
+    serde_json::from_str(&text).expect("JSON body")
 }
 
 #[tokio::test]
 async fn prefill_decode_pair_matches_both_pod() {
-    let (prefill, decode, both) = (
-        Sim::start("prefill"),
-        Sim::start("decode"),
-        Sim::start("both"),
-    );
+    let (prefill, decode, both) = (sim("prefill").await, sim("decode").await, sim("both").await);
     let model = "meta-llama/Llama-3.1-8B-Instruct";
     let prompt =
         "Summarise the history of distributed inference systems in great detail. ".repeat(450);
@@ -100,7 +35,7 @@ async fn prefill_decode_pair_matches_both_pod() {
     leg1["stream"] = json!(false);
     leg1["kv_transfer_params"] = json!({"do_remote_decode": true, "do_remote_prefill": false,
         "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null});
-    let r1 = post(format!("{}/v1/completions", prefill.url), &leg1).await;
+    let r1 = post(format!("{}/v1/completions", prefill.url()), &leg1).await;
     assert_eq!(r1["choices"][0]["finish_reason"], "length");
     let kv = r1["kv_transfer_params"].clone();
     assert_eq!(kv["do_remote_prefill"], true);
@@ -109,7 +44,7 @@ async fn prefill_decode_pair_matches_both_pod() {
     assert_eq!(
         kv["remote_port"].as_u64().unwrap(),
         prefill
-            .url
+            .url()
             .rsplit(':')
             .next()
             .unwrap()
@@ -121,15 +56,15 @@ async fn prefill_decode_pair_matches_both_pod() {
     // Leg 2: decode with the original body plus the handshake.
     let mut leg2 = original.clone();
     leg2["kv_transfer_params"] = kv;
-    let r2 = post(format!("{}/v1/completions", decode.url), &leg2).await;
-    let r3 = post(format!("{}/v1/completions", both.url), &original).await;
+    let r2 = post(format!("{}/v1/completions", decode.url()), &leg2).await;
+    let r3 = post(format!("{}/v1/completions", both.url()), &original).await;
     assert_eq!(
         r2["choices"][0]["text"], r3["choices"][0]["text"],
         "P/D output equals single-pod output"
     );
     assert_eq!(r2["usage"]["completion_tokens"], 16);
 
-    let (dm, bm) = (metrics(&decode.url).await, metrics(&both.url).await);
+    let (dm, bm) = (scrape(decode.url()).await, scrape(both.url()).await);
     let ttft = |m: &str| metric(m, "vllm:time_to_first_token_seconds_sum");
     let prompt_tokens = r3["usage"]["prompt_tokens"].as_f64().unwrap();
     assert!(

@@ -1,12 +1,14 @@
 //! End-to-end: `weir calibrate` and `weir replay` through the real binary.
 
-use std::process::Command;
+mod common;
 
+use std::time::Duration;
+
+use common::run_weir_blocking;
+
+/// Run `weir <args>`, which must succeed, and parse its stdout as JSON.
 fn weir(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(args)
-        .output()
-        .expect("run weir");
+    let out = run_weir_blocking(args, Duration::from_secs(300));
     assert!(
         out.status.success(),
         "weir {args:?} failed: {}",
@@ -61,16 +63,51 @@ fn replay_is_deterministic_and_completes_the_trace() {
 
 #[test]
 fn replay_rejects_a_bad_fleet() {
-    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args([
+    let out = run_weir_blocking(
+        &[
             "replay",
             "--fleet",
             "3xv100:llama-3.1-8b",
             "--duration",
             "1",
-        ])
-        .output()
-        .unwrap();
+        ],
+        Duration::from_secs(60),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown GPU"));
+}
+
+#[test]
+fn replay_runs_the_bench_presets_by_either_name() {
+    for (name, canonical) in [
+        ("tiny", "tiny"),
+        ("long-context-rag", "long-context-rag"),
+        ("batch", "batch"),
+        ("chat", "azure-conv"),
+    ] {
+        let v = weir(&[
+            "replay",
+            "--workload",
+            name,
+            "--duration",
+            "10",
+            "--fleet",
+            "h100:llama-3.1-8b",
+            "--seed",
+            "3",
+            "--format",
+            "json",
+        ]);
+        assert_eq!(v["workload"], canonical);
+        let rep = &v["report"];
+        assert!(rep["requests"].as_u64().unwrap() > 0, "{name}: {rep}");
+        assert_eq!(rep["completed"], rep["requests"], "{name}");
+    }
+}
+
+/// The harness itself: a process that dies before its first stdout line fails the test with its stderr.
+#[test]
+#[should_panic(expected = "unexpected argument")]
+fn harness_shows_stderr_of_a_process_that_dies_at_start() {
+    common::Weir::start(&["sim", "--no-such-flag"]);
 }
