@@ -336,13 +336,9 @@ pub fn parse_duration(field: &str, s: &str) -> Result<Duration, Error> {
         "us" => n / 1e6,
         u => return Err(invalid(field, format!("unknown unit `{u}` in `{s}`"))),
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(invalid(
-            field,
-            format!("`{s}` is not a non-negative duration"),
-        ));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    // Also rejects negatives, NaN and values too large for a Duration (which would otherwise panic).
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| invalid(field, format!("`{s}` is not a usable duration")))
 }
 
 fn dur(field: &str, v: &Option<String>, default: Duration) -> Result<Duration, Error> {
@@ -704,5 +700,6 @@ scrape: {interval: 50ms}
         );
         assert_eq!(parse_duration("x", "2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("x", "fast").is_err());
+        assert!(parse_duration("x", "1e300h").is_err());
     }
 }

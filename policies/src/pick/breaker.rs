@@ -164,7 +164,12 @@ impl CircuitBreaker {
     }
 
     fn open(&mut self, now: Instant) {
-        self.open_until = Some(now + self.next_ejection());
+        // An ejection past the end of `Instant` (absurd config) saturates to one year rather than panicking.
+        let until = now
+            .checked_add(self.next_ejection())
+            .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+            .unwrap_or(now);
+        self.open_until = Some(until);
         self.ejections = self.ejections.saturating_add(1);
         self.state = BreakerState::Open;
         self.probe_out = false;
