@@ -149,6 +149,13 @@ async fn fake(ttft_ms: u64, itl_ms: u64) -> (String, Arc<Fake>) {
     (format!("http://{addr}"), f)
 }
 
+/// `weir bench --url <url> --model m <args>` (a fixed model name, no discovery): see [`bench`].
+async fn bench_m(url: &str, args: &[&str], limit: Duration) -> (Value, Duration) {
+    let mut full = vec!["--url", url, "--model", "m"];
+    full.extend_from_slice(args);
+    bench(&full, limit).await
+}
+
 /// Run `weir bench <args> --json <tmp>` to completion (killed after `limit`); returns the report and wall time.
 async fn bench(args: &[&str], limit: Duration) -> (Value, Duration) {
     let run = common::run_bench(args, limit).await;
@@ -205,12 +212,9 @@ async fn closed_loop_sends_exactly_the_requested_count_and_caps_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_stops_at_duration() {
     let (url, f) = fake(5, 2).await;
-    let (r, took) = bench(
+    let (r, took) = bench_m(
+        &url,
         &[
-            "--url",
-            &url,
-            "--model",
-            "m",
             "--workload",
             "tiny",
             "--rate",
@@ -239,12 +243,9 @@ async fn open_loop_stops_at_duration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttft_and_itl_come_from_the_stream() {
     let (url, f) = fake(80, 25).await;
-    let (r, _) = bench(
+    let (r, _) = bench_m(
+        &url,
         &[
-            "--url",
-            &url,
-            "--model",
-            "m",
             "--api",
             "completions",
             "--workload",
@@ -310,12 +311,9 @@ async fn ttft_and_itl_come_from_the_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_streaming_requests_are_measured_end_to_end() {
     let (url, _f) = fake(30, 5).await;
-    let (r, _) = bench(
+    let (r, _) = bench_m(
+        &url,
         &[
-            "--url",
-            &url,
-            "--model",
-            "m",
             "--no-stream",
             "--workload",
             "tiny",
@@ -336,12 +334,9 @@ async fn non_streaming_requests_are_measured_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_http_errors_by_status() {
     let (url, f) = fake(1, 1).await;
-    let (r, _) = bench(
+    let (r, _) = bench_m(
+        &url,
         &[
-            "--url",
-            &url,
-            "--model",
-            "m",
             "--workload",
             "tiny",
             "--concurrency",
@@ -368,12 +363,9 @@ async fn counts_connection_errors_against_a_dead_port() {
         l.local_addr().unwrap().port()
     };
     let url = format!("http://127.0.0.1:{port}");
-    let (r, _) = bench(
+    let (r, _) = bench_m(
+        &url,
         &[
-            "--url",
-            &url,
-            "--model",
-            "m",
             "--workload",
             "tiny",
             "--concurrency",
@@ -405,15 +397,9 @@ async fn trace_replay_sends_every_line_at_its_time() {
          {\"t\":0.4,\"prompt_tokens\":40,\"output_tokens\":3,\"prefix_group\":1}\n",
     )
     .unwrap();
-    let (r, took) = bench(
-        &[
-            "--url",
-            &url,
-            "--model",
-            "m",
-            "--trace",
-            trace.to_str().unwrap(),
-        ],
+    let (r, took) = bench_m(
+        &url,
+        &["--trace", trace.to_str().unwrap()],
         Duration::from_secs(30),
     )
     .await;

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{MODEL, Weir, client, get_status, metric, post_json as post, scrape, sse_json};
+use common::{
+    MODEL, Weir, client, get_status, metric, post_json as post, scrape, send_json, sse_json,
+};
 use serde_json::{Value, json};
 
 /// A `weir sim` at time-scale 50 without step jitter, `extra` flags appended; ready.
@@ -18,12 +20,7 @@ async fn streaming_chat_ends_with_usage_then_done() {
     let sim = sim(&[]).await;
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me about GPUs"}],
         "max_tokens": 8, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
-    let res = client()
-        .post(format!("{}/v1/chat/completions", sim.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let res = send_json(&format!("{}/v1/chat/completions", sim.url()), &body).await;
     assert_eq!(res.status(), 200);
     assert!(
         res.headers()["content-type"]
@@ -250,12 +247,7 @@ async fn crash_drops_the_stream() {
     let sim = sim(&["--crash-after-tokens", "2"]).await;
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10,
         "ignore_eos": true, "stream": true});
-    let res = client()
-        .post(format!("{}/v1/chat/completions", sim.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let res = send_json(&format!("{}/v1/chat/completions", sim.url()), &body).await;
     assert_eq!(res.status(), 200);
     let r = res.text().await;
     assert!(r.is_err(), "the connection must break mid-stream: {r:?}");

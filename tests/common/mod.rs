@@ -12,8 +12,8 @@
 //! - [`run_weir`] / [`run_weir_blocking`]: run a command that stops by itself (`weir bench`, `weir replay`) to the
 //!   end under a limit and return its output; [`run_bench`] adds `--json <tmp> --no-progress` and parses the
 //!   report.
-//! - HTTP helpers on one shared client: [`post_json`] (status + body), [`post_json_full`] (+ headers), [`get_text`],
-//!   [`get_status`], [`scrape`] (`/metrics` text).
+//! - HTTP helpers: [`post_json`] (status + body), [`post_json_full`] (+ headers), [`send_json`] (the raw response,
+//!   for streams), [`get_text`], [`get_status`], [`scrape`] (`/metrics` text); [`client`] for anything else.
 //! - Parsing helpers: [`metric`] (first sample of a series), [`metric_sum`] (sum of the samples whose labels contain
 //!   a filter), [`sse_data`] / [`sse_json`] (the `data:` payloads of an SSE body).
 //! - [`eventually`]: poll an async condition until it holds or a limit passes (tests never sleep to wait).
@@ -355,6 +355,16 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap()
+}
+
+/// POST `body` as JSON and return the response as it arrives (for streams, headers, or a connection that breaks).
+pub async fn send_json(url: &str, body: &Value) -> reqwest::Response {
+    client()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
 
 /// POST `body` as JSON with extra `headers`; the status and the body text.
