@@ -224,35 +224,31 @@ pub struct Arrivals {
 impl Arrivals {
     /// Arrival times in `[0, duration_s)`.
     pub fn times(&self, duration_s: f64, rng: &mut impl Rng) -> Vec<f64> {
-        let mut out = Vec::with_capacity((self.rate * duration_s * 1.1) as usize + 1);
         if self.rate <= 0.0 || duration_s <= 0.0 {
-            return out;
+            return Vec::new();
         }
-        let mean = 1.0 / self.rate;
-        let mut t = 0.0;
         if (self.cv - 1.0).abs() < 1e-9 {
-            let Ok(exp) = Exp::new(self.rate) else {
-                return out;
+            return match Exp::new(self.rate) {
+                Ok(exp) => self.accumulate(duration_s, || exp.sample(rng)),
+                Err(_) => Vec::new(),
             };
-            loop {
-                t += exp.sample(rng);
-                if t >= duration_s {
-                    return out;
-                }
-                out.push(t);
-            }
         }
         let shape = 1.0 / (self.cv * self.cv).max(1e-6);
-        let Ok(g) = Gamma::new(shape, mean / shape) else {
-            return out;
-        };
-        loop {
-            t += g.sample(rng);
-            if t >= duration_s {
-                return out;
-            }
-            out.push(t);
+        match Gamma::new(shape, 1.0 / self.rate / shape) {
+            Ok(g) => self.accumulate(duration_s, || g.sample(rng)),
+            Err(_) => Vec::new(),
         }
+    }
+
+    /// Running sums of `gap()` while below `duration_s`.
+    fn accumulate(&self, duration_s: f64, mut gap: impl FnMut() -> f64) -> Vec<f64> {
+        let mut out = Vec::with_capacity((self.rate * duration_s * 1.1) as usize + 1);
+        let mut t = gap();
+        while t < duration_s {
+            out.push(t);
+            t += gap();
+        }
+        out
     }
 }
 
