@@ -42,7 +42,9 @@ impl VllmBlockHasher {
     pub fn with_seed(seed: &str) -> Self {
         let mut buf = Vec::with_capacity(seed.len() + 9);
         cbor::text(&mut buf, seed);
-        Self { none_hash: Sha256::digest(&buf).into() }
+        Self {
+            none_hash: Sha256::digest(&buf).into(),
+        }
     }
 
     /// The parent hash used for the first block.
@@ -51,7 +53,12 @@ impl VllmBlockHasher {
     }
 
     /// Hash of one full block given its parent (None for block 0) and extra keys.
-    pub fn hash_block(&self, parent: Option<&BlockHash>, tokens: &[u32], extra: &[ExtraKey]) -> BlockHash {
+    pub fn hash_block(
+        &self,
+        parent: Option<&BlockHash>,
+        tokens: &[u32],
+        extra: &[ExtraKey],
+    ) -> BlockHash {
         let parent = parent.unwrap_or(&self.none_hash);
         let mut buf = Vec::with_capacity(48 + tokens.len() * 5);
         cbor::array_header(&mut buf, 3);
@@ -72,9 +79,16 @@ impl VllmBlockHasher {
     }
 
     /// Hashes of every full block of `tokens`; `cache_salt` (if any) is an extra key of block 0 only.
-    pub fn block_hashes(&self, tokens: &[u32], block_size: usize, cache_salt: Option<&str>) -> Vec<BlockHash> {
+    pub fn block_hashes(
+        &self,
+        tokens: &[u32],
+        block_size: usize,
+        cache_salt: Option<&str>,
+    ) -> Vec<BlockHash> {
         let mut out: Vec<BlockHash> = Vec::with_capacity(tokens.len() / block_size);
-        let salt: Vec<ExtraKey> = cache_salt.map(|s| vec![ExtraKey::Str(s.to_string())]).unwrap_or_default();
+        let salt: Vec<ExtraKey> = cache_salt
+            .map(|s| vec![ExtraKey::Str(s.to_string())])
+            .unwrap_or_default();
         for (i, chunk) in tokens.chunks_exact(block_size).enumerate() {
             let extra: &[ExtraKey] = if i == 0 { &salt } else { &[] };
             let h = self.hash_block(out.last(), chunk, extra);
@@ -100,7 +114,10 @@ impl PrefixHasher {
             seed_src.push(0);
             seed_src.extend_from_slice(s.as_bytes());
         }
-        Self { seed: xxh64(&seed_src, 0), block_size: block_size.max(1) }
+        Self {
+            seed: xxh64(&seed_src, 0),
+            block_size: block_size.max(1),
+        }
     }
 
     pub fn block_size(&self) -> usize {
@@ -196,7 +213,12 @@ mod tests {
         cbor::uint(&mut b, 24);
         cbor::uint(&mut b, 500);
         cbor::uint(&mut b, 128_009);
-        assert_eq!(b, vec![0x17, 0x18, 24, 0x19, 0x01, 0xf4, 0x1a, 0x00, 0x01, 0xf4, 0x09]);
+        assert_eq!(
+            b,
+            vec![
+                0x17, 0x18, 24, 0x19, 0x01, 0xf4, 0x1a, 0x00, 0x01, 0xf4, 0x09
+            ]
+        );
     }
 
     #[test]
@@ -207,7 +229,10 @@ mod tests {
         let b = h.block_hashes(&toks, 16, Some("tenant-a"));
         assert_eq!(a.len(), 3);
         assert_ne!(a[0], b[0]);
-        assert_ne!(a[2], b[2], "salt on block 0 changes every later hash through the chain");
+        assert_ne!(
+            a[2], b[2],
+            "salt on block 0 changes every later hash through the chain"
+        );
         // same tokens, different position -> different hash
         let mut shifted = toks.clone();
         shifted.rotate_left(16);

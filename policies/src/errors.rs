@@ -36,7 +36,13 @@ struct Inner<'a, C: Serialize> {
 
 impl ApiError {
     pub fn new(status: u16, kind: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), kind: kind.into(), param: None, code: None }
+        Self {
+            status,
+            message: message.into(),
+            kind: kind.into(),
+            param: None,
+            code: None,
+        }
     }
 
     /// vLLM's 400: `BadRequestError`.
@@ -114,7 +120,8 @@ mod tests {
 
     #[test]
     fn openai_shape_has_string_code() {
-        let e = ApiError::new(404, "invalid_request_error", "no such model").with_code("model_not_found");
+        let e = ApiError::new(404, "invalid_request_error", "no such model")
+            .with_code("model_not_found");
         let v: serde_json::Value = serde_json::from_str(&e.openai_json()).unwrap();
         assert_eq!(v["error"]["code"], "model_not_found");
         assert!(v["error"]["param"].is_null());

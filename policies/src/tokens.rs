@@ -43,11 +43,12 @@ const ORDINARY_IDS: u32 = 128_000;
 /// Words the simulated model "generates"; an ordinary id `i` decodes to `WORDS[i % WORDS.len()]`. Each is about four
 /// bytes, matching the ~4 bytes/token density of [`ByteTokenizer`].
 const WORDS: &[&str] = &[
-    " the", " and", " of", " to", " in", " is", " it", " for", " on", " as", " with", " that", " by", " at", " an",
-    " be", " this", " are", " from", " or", " was", " can", " has", " we", " not", " but", " all", " will", " one",
-    " may", " more", " each", " data", " time", " node", " pod", " GPU", " cache", " token", " block", " queue",
-    " load", " path", " rate", " fast", " slow", " key", " set", " map", " run", " step", " plan", " cost", " pool",
-    " fair", " tier", " user", " model", " layer", " graph", " batch", " score", ".", ",",
+    " the", " and", " of", " to", " in", " is", " it", " for", " on", " as", " with", " that",
+    " by", " at", " an", " be", " this", " are", " from", " or", " was", " can", " has", " we",
+    " not", " but", " all", " will", " one", " may", " more", " each", " data", " time", " node",
+    " pod", " GPU", " cache", " token", " block", " queue", " load", " path", " rate", " fast",
+    " slow", " key", " set", " map", " run", " step", " plan", " cost", " pool", " fair", " tier",
+    " user", " model", " layer", " graph", " batch", " score", ".", ",",
 ];
 
 /// The default tokenizer: ~4-byte chunks (never splitting a UTF-8 character) hashed into the ordinary id range, with
@@ -128,7 +129,8 @@ pub struct ChatTurn<'a> {
 /// Render chat turns with the Llama-3 chat template, ending with the assistant header when
 /// `add_generation_prompt` is set (as vLLM does by default).
 pub fn render_chat(turns: &[ChatTurn<'_>], add_generation_prompt: bool) -> String {
-    let mut s = String::with_capacity(turns.iter().map(|t| t.content.len() + 48).sum::<usize>() + 64);
+    let mut s =
+        String::with_capacity(turns.iter().map(|t| t.content.len() + 48).sum::<usize>() + 64);
     s.push_str("<|begin_of_text|>");
     for t in turns {
         s.push_str("<|start_header_id|>");
@@ -165,9 +167,34 @@ mod tests {
 
     #[test]
     fn identical_system_prompts_share_leading_ids() {
-        let sys = "You are a helpful assistant that answers questions about Kubernetes. ".repeat(20);
-        let a = render_chat(&[ChatTurn { role: "system", content: &sys }, ChatTurn { role: "user", content: "a?" }], true);
-        let b = render_chat(&[ChatTurn { role: "system", content: &sys }, ChatTurn { role: "user", content: "bb?" }], true);
+        let sys =
+            "You are a helpful assistant that answers questions about Kubernetes. ".repeat(20);
+        let a = render_chat(
+            &[
+                ChatTurn {
+                    role: "system",
+                    content: &sys,
+                },
+                ChatTurn {
+                    role: "user",
+                    content: "a?",
+                },
+            ],
+            true,
+        );
+        let b = render_chat(
+            &[
+                ChatTurn {
+                    role: "system",
+                    content: &sys,
+                },
+                ChatTurn {
+                    role: "user",
+                    content: "bb?",
+                },
+            ],
+            true,
+        );
         let (ta, tb) = (ByteTokenizer.encode(&a), ByteTokenizer.encode(&b));
         let common = ta.iter().zip(&tb).take_while(|(x, y)| x == y).count();
         assert!(common >= sys.len() / 4, "common {common}");

@@ -6,13 +6,13 @@
 //! tokio (the HTTP server) or in virtual time by a discrete-event runner that plays a trace through a fleet as fast
 //! as the CPU allows. This crate is linked into production paths only through the `weir` binary's `sim` command.
 
-pub mod faults;
-pub mod metrics;
-pub mod zmq;
-pub mod engine;
-pub mod profile;
 pub mod des;
-pub mod workload;
 pub mod driver;
-pub mod server;
+pub mod engine;
+pub mod faults;
 pub mod fleet;
+pub mod metrics;
+pub mod profile;
+pub mod server;
+pub mod workload;
+pub mod zmq;

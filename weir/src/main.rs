@@ -10,7 +10,13 @@ use clap::{Parser, Subcommand};
 #[command(name = "weir", version, about, propagate_version = true)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "WEIR_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -26,20 +32,22 @@ enum LogFormat {
 enum Command {
     /// Run a simulated vLLM server, or a fleet of them.
     Sim(cmd::sim::SimArgs),
-    /// Print the simulator's timing model against the reference measurements, per GPU profile.
-    Calibrate(cmd::calibrate::CalibrateArgs),
-    /// Play a synthetic trace through a simulated fleet in virtual time and report latencies.
-    Replay(cmd::replay::ReplayArgs),
     /// Run the OpenAI-compatible router in front of model servers.
     Serve(cmd::serve::ServeArgs),
     /// Load-test any OpenAI-compatible server or router (open or closed loop) and report latency percentiles.
     Bench(cmd::bench::BenchArgs),
+    /// Print the simulator's timing model against the reference measurements, per GPU profile.
+    Calibrate(cmd::calibrate::CalibrateArgs),
+    /// Play a synthetic trace through a simulated fleet in virtual time and report latencies.
+    Replay(cmd::replay::ReplayArgs),
 }
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -51,9 +59,9 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Sim(args) => cmd::sim::run(args),
-        Command::Calibrate(args) => cmd::calibrate::run(args),
-        Command::Replay(args) => cmd::replay::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Calibrate(args) => cmd::calibrate::run(args),
+        Command::Replay(args) => cmd::replay::run(args),
     }
 }
