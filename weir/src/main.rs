@@ -5,6 +5,11 @@ mod cmd;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc malloc: measured lower router RSS per open stream (hyper's mostly-untouched 8 KiB
+/// connection buffers stay unbacked) and memory returned to the OS after load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// weir: an OpenAI-compatible control plane for LLM inference on Kubernetes.
 #[derive(Parser, Debug)]
 #[command(name = "weir", version, about, propagate_version = true)]
@@ -30,6 +35,8 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Everything in one process: a simulated GPU fleet behind the weir router, with commands to try.
+    Demo(cmd::demo::DemoArgs),
     /// Run a simulated vLLM server, or a fleet of them.
     Sim(cmd::sim::SimArgs),
     /// Run the OpenAI-compatible router in front of model servers.
@@ -58,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Demo(args) => cmd::demo::run(args),
         Command::Sim(args) => cmd::sim::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Bench(args) => cmd::bench::run(args),

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod demo;
 pub mod replay;
 pub mod serve;
 pub mod sim;

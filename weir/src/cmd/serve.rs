@@ -80,7 +80,7 @@ pub struct ServeArgs {
     threads: Option<usize>,
 }
 
-fn raw_policy(name: &str) -> anyhow::Result<RawPolicy> {
+pub(crate) fn raw_policy(name: &str) -> anyhow::Result<RawPolicy> {
     Ok(match name {
         "round-robin" => RawPolicy::RoundRobin,
         "random" => RawPolicy::Random,
@@ -94,7 +94,7 @@ fn raw_policy(name: &str) -> anyhow::Result<RawPolicy> {
 
 /// The one wall-clock read of this command: Unix seconds for `/v1/models` and the default seed.
 #[allow(clippy::disallowed_methods)]
-fn wall_clock() -> std::time::Duration {
+pub(crate) fn wall_clock() -> std::time::Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -194,7 +194,7 @@ fn kubernetes_source(
     )?)
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
