@@ -5,11 +5,6 @@ mod cmd;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of glibc malloc: measured lower router RSS per open stream (hyper's mostly-untouched 8 KiB
-/// connection buffers stay unbacked) and memory returned to the OS after load.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// weir: an OpenAI-compatible control plane for LLM inference on Kubernetes.
 #[derive(Parser, Debug)]
 #[command(name = "weir", version, about, propagate_version = true)]
