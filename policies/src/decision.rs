@@ -77,18 +77,35 @@ pub struct DecisionRecord {
     pub at_unix_ms: u64,
 }
 
+/// What the ring needs from a stored record: its request id, and a place for the measured TTFT. Implemented by
+/// [`DecisionRecord`] and by the router's lazily explained records (which keep the inputs and build the
+/// [`DecisionRecord`] only when someone reads it, so the request path never pays for `explain`).
+pub trait Keyed {
+    fn request_id(&self) -> &str;
+    fn set_measured_ttft(&mut self, ms: f64);
+}
+
+impl Keyed for DecisionRecord {
+    fn request_id(&self) -> &str {
+        &self.request_id
+    }
+    fn set_measured_ttft(&mut self, ms: f64) {
+        self.measured_ttft_ms = Some(ms);
+    }
+}
+
 /// Bounded ring of the newest decisions, searchable by request id.
 #[derive(Debug)]
-pub struct DecisionRing {
+pub struct DecisionRing<T = DecisionRecord> {
     capacity: usize,
-    records: VecDeque<DecisionRecord>,
+    records: VecDeque<T>,
     /// Sequence number of `records[0]`.
     first_seq: u64,
     /// Request id -> sequence number of its newest record.
     by_id: HashMap<String, u64>,
 }
 
-impl DecisionRing {
+impl<T: Keyed> DecisionRing<T> {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         Self {
@@ -100,17 +117,17 @@ impl DecisionRing {
     }
 
     /// Adds a record, evicting the oldest when full.
-    pub fn push(&mut self, rec: DecisionRecord) {
+    pub fn push(&mut self, rec: T) {
         if self.records.len() == self.capacity
             && let Some(old) = self.records.pop_front()
         {
-            if self.by_id.get(&old.request_id) == Some(&self.first_seq) {
-                self.by_id.remove(&old.request_id);
+            if self.by_id.get(old.request_id()) == Some(&self.first_seq) {
+                self.by_id.remove(old.request_id());
             }
             self.first_seq += 1;
         }
         let seq = self.first_seq + self.records.len() as u64;
-        self.by_id.insert(rec.request_id.clone(), seq);
+        self.by_id.insert(rec.request_id().to_string(), seq);
         self.records.push_back(rec);
     }
 
@@ -120,7 +137,7 @@ impl DecisionRing {
     }
 
     /// The newest record for `request_id`.
-    pub fn get(&self, request_id: &str) -> Option<&DecisionRecord> {
+    pub fn get(&self, request_id: &str) -> Option<&T> {
         self.records.get(self.position(request_id)?)
     }
 
@@ -131,7 +148,7 @@ impl DecisionRing {
             .and_then(|p| self.records.get_mut(p))
         {
             Some(r) => {
-                r.measured_ttft_ms = Some(ms);
+                r.set_measured_ttft(ms);
                 true
             }
             None => false,
@@ -139,7 +156,7 @@ impl DecisionRing {
     }
 
     /// Up to `limit` records, newest first.
-    pub fn newest(&self, limit: usize) -> impl Iterator<Item = &DecisionRecord> {
+    pub fn newest(&self, limit: usize) -> impl Iterator<Item = &T> {
         self.records.iter().rev().take(limit)
     }
 
@@ -179,7 +196,7 @@ mod tests {
 
     #[test]
     fn ring_is_bounded_found_by_id_and_lists_newest_first() {
-        let mut r = DecisionRing::new(3);
+        let mut r: DecisionRing = DecisionRing::new(3);
         for i in 0..5 {
             r.push(rec(&format!("r{i}")));
         }
@@ -196,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_repeated_request_id_finds_the_newest_and_survives_the_old_ones_eviction() {
-        let mut r = DecisionRing::new(2);
+        let mut r: DecisionRing = DecisionRing::new(2);
         r.push(rec("a"));
         let mut again = rec("a");
         again.model = "second".into();

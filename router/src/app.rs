@@ -376,6 +376,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/debug/routes", get(debug_routes))
+        .route("/debug/decisions", get(crate::decisions::list))
+        .route("/debug/decisions/{request_id}", get(crate::decisions::one))
+        .route("/debug/prefix", get(crate::decisions::prefix))
         .fallback(not_found)
         .with_state(state)
 }

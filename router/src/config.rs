@@ -9,6 +9,20 @@
 //!     model: meta-llama/Llama-3.1-8B-Instruct
 //!     endpoints: [http://10.0.0.1:8000, http://10.0.0.2:8000]
 //!     policy: {kind: round-robin}    # round-robin | random | least-requests | power-of-two | pipeline
+//!                                    # | cache-aware | precise-prefix (see below)
+//!   - name: llama-pd                 # cache-aware with P/D: endpoints carry roles and KV-event addresses
+//!     endpoints:
+//!       - {url: http://10.0.0.3:8000, role: prefill, kv_events: tcp://10.0.0.3:5557, kv_replay: tcp://10.0.0.3:5558}
+//!       - {url: http://10.0.0.4:8000, role: decode}
+//!     policy:
+//!       kind: precise-prefix         # cache-aware = approximate index from routing history; precise = KV events
+//!       weights: {prefix: 3, queue: 2, kv: 2, token_load: 0, active_request: 0, session: 0}
+//!       load_gate: {margin: 100ms, prefill_tokens_per_s: 15928}   # or `load_gate: off`
+//!       session_affinity: true       # x-session-id keeps a conversation on its pod (session weight 1 if unset)
+//!       pd: {non_cached_tokens: 16, min_prompt_tokens: 0, ttft_margin: 100ms}   # non_cached_tokens 0 = no P/D
+//!       tokenizer: byte              # tokenizer + Llama-3 chat template the pods use
+//!       block_size: 16               # tokens per hashed block (the engine's block size for precise-prefix)
+//! decisions: {size: 1024}            # decision-record ring for /debug/decisions
 //! models:                            # optional: client-facing names, aliases and weighted splits
 //!   - name: llama
 //!     aliases: [llama3]
@@ -25,8 +39,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use policies::endpoint::Role;
 use policies::pick::breaker::BreakerConfig;
 use policies::pick::budget::RetryBudget;
+use policies::pick::load_gate::{CostModel, LoadGate};
+use policies::pick::pd::PdConfig;
+use policies::pick::profile::Weights;
 use policies::pick::{Picker, Pipeline, Policy, Weighted, scorers};
 use serde::Deserialize;
 
@@ -63,6 +81,66 @@ pub struct RawConfig {
     /// How long SIGTERM waits for in-flight requests before closing them.
     #[serde(default)]
     pub drain_timeout: Option<String>,
+    /// Decision-record ring (`/debug/decisions`).
+    #[serde(default)]
+    pub decisions: RawDecisions,
+}
+
+/// Decision-record settings in YAML.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDecisions {
+    /// Records kept (default 1024).
+    pub size: Option<usize>,
+}
+
+/// One endpoint in YAML: a bare base URL, or a detailed entry with a P/D role and KV-event addresses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum RawEndpoint {
+    Url(String),
+    Detailed(RawEndpointDetail),
+}
+
+/// A detailed endpoint entry.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpointDetail {
+    /// Base URL (`http://host:port`).
+    pub url: String,
+    /// P/D role: `prefill`, `decode`, `both`/`prefill-decode` (default both).
+    #[serde(default)]
+    pub role: Option<String>,
+    /// vLLM KV-event PUB address (`tcp://host:port`), for `precise-prefix` pools.
+    #[serde(default)]
+    pub kv_events: Option<String>,
+    /// vLLM KV-event replay ROUTER address, to fill sequence gaps.
+    #[serde(default)]
+    pub kv_replay: Option<String>,
+}
+
+impl RawEndpoint {
+    fn url(&self) -> &str {
+        match self {
+            Self::Url(u) => u,
+            Self::Detailed(d) => &d.url,
+        }
+    }
+
+    /// The detailed form (a bare URL becomes a detail with only the URL), for flags that add fields.
+    fn detail_mut(&mut self) -> &mut RawEndpointDetail {
+        if let Self::Url(u) = self {
+            *self = Self::Detailed(RawEndpointDetail {
+                url: std::mem::take(u),
+                ..RawEndpointDetail::default()
+            });
+        }
+        match self {
+            Self::Detailed(d) => d,
+            // Just converted above.
+            Self::Url(_) => unreachable!("converted to Detailed above"),
+        }
+    }
 }
 
 /// One pool in YAML.
@@ -74,9 +152,9 @@ pub struct RawPool {
     /// Model name the endpoints serve (sent upstream); defaults to the pool name.
     #[serde(default)]
     pub model: Option<String>,
-    /// Static endpoint base URLs (`http://host:port`).
+    /// Static endpoints: base URLs (`http://host:port`) or detailed entries.
     #[serde(default)]
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<RawEndpoint>,
     /// Scheduling policy (default round-robin).
     #[serde(default)]
     pub policy: Option<RawPolicy>,
@@ -99,6 +177,81 @@ pub enum RawPolicy {
         #[serde(default)]
         picker: Option<String>,
     },
+    /// Cache-aware scoring over an approximate prefix index built from routing history.
+    CacheAware {
+        #[serde(default)]
+        weights: Option<RawWeights>,
+        #[serde(default)]
+        load_gate: Option<RawGate>,
+        #[serde(default)]
+        session_affinity: Option<bool>,
+        #[serde(default)]
+        pd: Option<RawPd>,
+        #[serde(default)]
+        tokenizer: Option<String>,
+        #[serde(default)]
+        block_size: Option<u32>,
+    },
+    /// Cache-aware scoring over the precise index fed by the pods' KV events.
+    PrecisePrefix {
+        #[serde(default)]
+        weights: Option<RawWeights>,
+        #[serde(default)]
+        load_gate: Option<RawGate>,
+        #[serde(default)]
+        session_affinity: Option<bool>,
+        #[serde(default)]
+        pd: Option<RawPd>,
+        #[serde(default)]
+        tokenizer: Option<String>,
+        #[serde(default)]
+        block_size: Option<u32>,
+    },
+}
+
+/// Scorer weights of a cache-aware policy (defaults: llm-d's chart, queue 2, kv 2, prefix 3).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeights {
+    pub prefix: Option<f64>,
+    pub queue: Option<f64>,
+    pub kv: Option<f64>,
+    pub token_load: Option<f64>,
+    pub active_request: Option<f64>,
+    pub session: Option<f64>,
+}
+
+/// The anti-herding load gate: `off`, or thresholds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawGate {
+    /// `off` / `on`.
+    Switch(String),
+    Thresholds(RawGateThresholds),
+}
+
+/// Load-gate thresholds.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateThresholds {
+    /// How much worse predicted TTFT a cache hit may be than the best pod before it is ignored (default 100ms).
+    pub margin: Option<String>,
+    /// Prefill throughput estimate per pod (default 15,928 tokens/s).
+    pub prefill_tokens_per_s: Option<f64>,
+    /// Wait per queued request (default 10ms).
+    pub queued_request: Option<String>,
+}
+
+/// P/D decision knobs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPd {
+    /// Minimum uncached suffix on the decode pod for P/D (default 16; 0 disables P/D).
+    pub non_cached_tokens: Option<u32>,
+    /// Minimum prompt length for P/D (default 0).
+    pub min_prompt_tokens: Option<u32>,
+    /// How much worse P/D's predicted TTFT may be than colocated (default 100ms).
+    pub ttft_margin: Option<String>,
 }
 
 /// A named scorer with its weight.
@@ -205,6 +358,62 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Drain deadline after SIGTERM.
     pub drain_timeout: Duration,
+    /// Decision records kept for `/debug/decisions`.
+    pub decisions_size: usize,
+}
+
+/// A validated static endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointConfig {
+    /// Base URL, `http://host:port`.
+    pub url: String,
+    /// P/D role.
+    pub role: Role,
+    /// KV-event PUB address (`tcp://..`).
+    pub kv_events: Option<String>,
+    /// KV-event replay address (`tcp://..`).
+    pub kv_replay: Option<String>,
+}
+
+/// Which prefix index a cache-aware pool reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexKind {
+    /// Routing history (the router's guesses).
+    Approximate,
+    /// The pods' KV events.
+    Precise,
+}
+
+/// Tokenizer (and chat template) a pool's pods use; the prefix index hashes its ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerKind {
+    /// weir's ~4-bytes-per-token tokenizer with the Llama-3 chat template (what `weir sim` runs).
+    Byte,
+}
+
+impl TokenizerKind {
+    pub fn build(self) -> std::sync::Arc<dyn policies::tokens::Tokenizer> {
+        match self {
+            Self::Byte => std::sync::Arc::new(policies::tokens::ByteTokenizer),
+        }
+    }
+}
+
+/// A validated cache-aware policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheAwareConfig {
+    pub index: IndexKind,
+    /// Scorer weights of the aggregated profile (P/D pools use the prefill/decode presets with this prefix weight).
+    pub weights: Weights,
+    /// Anti-herding gate; `None` trusts prefix hits blindly.
+    pub gate: Option<LoadGate>,
+    /// Record `x-session-id` -> pod and score that pod.
+    pub session_affinity: bool,
+    /// P/D decision knobs (used when the pool has prefill-role endpoints).
+    pub pd: PdConfig,
+    pub tokenizer: TokenizerKind,
+    /// Tokens per hashed block.
+    pub block_size: u32,
 }
 
 /// A validated pool.
@@ -213,8 +422,8 @@ pub struct PoolConfig {
     pub name: String,
     /// Model name sent upstream.
     pub model: String,
-    /// Static endpoint base URLs, validated as `http://host:port`.
-    pub endpoints: Vec<String>,
+    /// Static endpoints, URLs validated as `http://host:port`.
+    pub endpoints: Vec<EndpointConfig>,
     pub policy: PolicyConfig,
 }
 
@@ -227,6 +436,8 @@ pub enum PolicyConfig {
         scorers: Vec<(String, f64)>,
         picker: String,
     },
+    /// Cache-aware (approximate or precise prefix index), optionally P/D.
+    CacheAware(CacheAwareConfig),
 }
 
 impl Default for PolicyConfig {
@@ -240,6 +451,8 @@ impl PolicyConfig {
     pub fn build(&self) -> Pipeline {
         match self {
             Self::Baseline(p) => Pipeline::baseline(*p),
+            // Cache-aware pools pick through `crate::route`; this pipeline only names the fallback in /debug/routes.
+            Self::CacheAware(_) => Pipeline::baseline(Policy::LeastRequests),
             Self::Pipeline {
                 filters,
                 scorers: ss,
@@ -370,6 +583,184 @@ pub fn validate_url(field: &str, url: &str) -> Result<String, Error> {
     Ok(u.to_string())
 }
 
+fn validate_tcp(field: &str, addr: &Option<String>) -> Result<Option<String>, Error> {
+    match addr {
+        None => Ok(None),
+        Some(a) => {
+            let rest = a.strip_prefix("tcp://").ok_or_else(|| {
+                invalid(
+                    field,
+                    format!("`{a}` must be a ZeroMQ address like tcp://host:5557"),
+                )
+            })?;
+            match rest.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {
+                    Ok(Some(a.clone()))
+                }
+                _ => Err(invalid(field, format!("`{a}` needs a host and a port"))),
+            }
+        }
+    }
+}
+
+fn validate_endpoint(field: &str, e: &RawEndpoint) -> Result<EndpointConfig, Error> {
+    match e {
+        RawEndpoint::Url(u) => Ok(EndpointConfig {
+            url: validate_url(field, u)?,
+            role: Role::Both,
+            kv_events: None,
+            kv_replay: None,
+        }),
+        RawEndpoint::Detailed(d) => {
+            let role = match d.role.as_deref() {
+                None => Role::Both,
+                Some(r) => Role::from_label(r).ok_or_else(|| {
+                    invalid(
+                        format!("{field}.role"),
+                        format!("unknown role `{r}` (prefill, decode, both)"),
+                    )
+                })?,
+            };
+            let kv_replay = validate_tcp(&format!("{field}.kv_replay"), &d.kv_replay)?;
+            let kv_events = validate_tcp(&format!("{field}.kv_events"), &d.kv_events)?;
+            if kv_replay.is_some() && kv_events.is_none() {
+                return Err(invalid(
+                    format!("{field}.kv_replay"),
+                    "needs kv_events (replay only fills gaps in a subscription)",
+                ));
+            }
+            Ok(EndpointConfig {
+                url: validate_url(&format!("{field}.url"), &d.url)?,
+                role,
+                kv_events,
+                kv_replay,
+            })
+        }
+    }
+}
+
+fn weight(field: &str, v: Option<f64>, default: f64) -> Result<f64, Error> {
+    let w = v.unwrap_or(default);
+    if !w.is_finite() || !(0.0..=1000.0).contains(&w) {
+        return Err(invalid(field, format!("{w} is not a weight in 0..=1000")));
+    }
+    Ok(w)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn validate_cache_aware(
+    f: &str,
+    index: IndexKind,
+    weights: Option<RawWeights>,
+    load_gate: Option<RawGate>,
+    session_affinity: Option<bool>,
+    pd: Option<RawPd>,
+    tokenizer: Option<String>,
+    block_size: Option<u32>,
+) -> Result<CacheAwareConfig, Error> {
+    let d = Weights::llm_d();
+    let w = weights.unwrap_or_default();
+    let session_affinity = session_affinity.unwrap_or(false);
+    let weights = Weights {
+        prefix: weight(&format!("{f}.weights.prefix"), w.prefix, d.prefix)?,
+        queue: weight(&format!("{f}.weights.queue"), w.queue, d.queue)?,
+        kv: weight(&format!("{f}.weights.kv"), w.kv, d.kv)?,
+        token_load: weight(
+            &format!("{f}.weights.token_load"),
+            w.token_load,
+            d.token_load,
+        )?,
+        active_request: weight(
+            &format!("{f}.weights.active_request"),
+            w.active_request,
+            d.active_request,
+        )?,
+        session: weight(
+            &format!("{f}.weights.session"),
+            w.session,
+            if session_affinity { 1.0 } else { 0.0 },
+        )?,
+    };
+    let gate = match load_gate {
+        None => Some(LoadGate::default()),
+        Some(RawGate::Switch(s)) => match s.as_str() {
+            "off" | "false" => None,
+            "on" | "true" => Some(LoadGate::default()),
+            other => {
+                return Err(invalid(
+                    format!("{f}.load_gate"),
+                    format!("`{other}` is not on, off or {{margin, ..}}"),
+                ));
+            }
+        },
+        Some(RawGate::Thresholds(t)) => {
+            let dg = LoadGate::default();
+            let tps = t
+                .prefill_tokens_per_s
+                .unwrap_or(dg.cost.prefill_tokens_per_s);
+            if !tps.is_finite() || tps < 1.0 {
+                return Err(invalid(
+                    format!("{f}.load_gate.prefill_tokens_per_s"),
+                    "must be >= 1",
+                ));
+            }
+            Some(LoadGate {
+                cost: CostModel {
+                    prefill_tokens_per_s: tps,
+                    queued_request_s: dur(
+                        &format!("{f}.load_gate.queued_request"),
+                        &t.queued_request,
+                        Duration::from_secs_f64(dg.cost.queued_request_s),
+                    )?
+                    .as_secs_f64(),
+                },
+                margin_s: dur(
+                    &format!("{f}.load_gate.margin"),
+                    &t.margin,
+                    Duration::from_secs_f64(dg.margin_s),
+                )?
+                .as_secs_f64(),
+            })
+        }
+    };
+    let p = pd.unwrap_or_default();
+    let dp = PdConfig::default();
+    let pd = PdConfig {
+        non_cached_tokens: p.non_cached_tokens.unwrap_or(dp.non_cached_tokens),
+        min_prompt_tokens: p.min_prompt_tokens.unwrap_or(dp.min_prompt_tokens),
+        ttft_margin_s: dur(
+            &format!("{f}.pd.ttft_margin"),
+            &p.ttft_margin,
+            Duration::from_secs_f64(dp.ttft_margin_s),
+        )?
+        .as_secs_f64(),
+        cost: gate.map_or(dp.cost, |g| g.cost),
+        ..dp
+    };
+    let tokenizer = match tokenizer.as_deref() {
+        None | Some("byte") => TokenizerKind::Byte,
+        Some(other) => {
+            return Err(invalid(
+                format!("{f}.tokenizer"),
+                format!("unknown tokenizer `{other}` (byte)"),
+            ));
+        }
+    };
+    let block_size = block_size.unwrap_or(16);
+    if !(1..=1024).contains(&block_size) {
+        return Err(invalid(format!("{f}.block_size"), "must be in 1..=1024"));
+    }
+    Ok(CacheAwareConfig {
+        index,
+        weights,
+        gate,
+        session_affinity,
+        pd,
+        tokenizer,
+        block_size,
+    })
+}
+
 impl RawConfig {
     /// Parses YAML; unknown fields are errors.
     pub fn from_yaml(text: &str) -> Result<Self, Error> {
@@ -381,10 +772,10 @@ impl RawConfig {
         let (model, urls) = spec
             .split_once('=')
             .ok_or_else(|| invalid("--backend", format!("`{spec}` is not model=url[,url..]")))?;
-        let urls: Vec<String> = urls
+        let urls: Vec<RawEndpoint> = urls
             .split(',')
             .filter(|u| !u.is_empty())
-            .map(str::to_string)
+            .map(|u| RawEndpoint::Url(u.to_string()))
             .collect();
         if let Some(p) = self.pools.iter_mut().find(|p| p.name == model) {
             p.endpoints.extend(urls);
@@ -396,6 +787,43 @@ impl RawConfig {
                 policy: None,
             });
         }
+        Ok(())
+    }
+
+    fn endpoint_mut(&mut self, flag: &str, url: &str) -> Result<&mut RawEndpointDetail, Error> {
+        let want = url.trim_end_matches('/');
+        self.pools
+            .iter_mut()
+            .flat_map(|p| p.endpoints.iter_mut())
+            .find(|e| e.url().trim_end_matches('/') == want)
+            .map(RawEndpoint::detail_mut)
+            .ok_or_else(|| invalid(flag, format!("no --backend endpoint `{url}`")))
+    }
+
+    /// `--kv-events http://host:port=tcp://host:5557[,tcp://host:5558]`: the KV-event publisher (and replay
+    /// socket) of an endpoint already named by `--backend`.
+    pub fn add_kv_events_flag(&mut self, spec: &str) -> Result<(), Error> {
+        let (url, addrs) = spec.split_once('=').ok_or_else(|| {
+            invalid(
+                "--kv-events",
+                format!("`{spec}` is not url=tcp://host:port[,tcp://host:port]"),
+            )
+        })?;
+        let mut it = addrs.split(',').filter(|a| !a.is_empty());
+        let publisher = it.next().map(str::to_string);
+        let replay = it.next().map(str::to_string);
+        let e = self.endpoint_mut("--kv-events", url)?;
+        e.kv_events = publisher;
+        e.kv_replay = replay;
+        Ok(())
+    }
+
+    /// `--role http://host:port=prefill`: the P/D role of an endpoint already named by `--backend`.
+    pub fn add_role_flag(&mut self, spec: &str) -> Result<(), Error> {
+        let (url, role) = spec
+            .split_once('=')
+            .ok_or_else(|| invalid("--role", format!("`{spec}` is not url=prefill|decode|both")))?;
+        self.endpoint_mut("--role", url)?.role = Some(role.to_string());
         Ok(())
     }
 
@@ -421,8 +849,8 @@ impl RawConfig {
                 ));
             }
             let mut endpoints = Vec::new();
-            for (j, u) in p.endpoints.iter().enumerate() {
-                endpoints.push(validate_url(&format!("{f}.endpoints[{j}]"), u)?);
+            for (j, e) in p.endpoints.iter().enumerate() {
+                endpoints.push(validate_endpoint(&format!("{f}.endpoints[{j}]"), e)?);
             }
             let policy = match p.policy {
                 None => PolicyConfig::default(),
@@ -472,6 +900,40 @@ impl RawConfig {
                         picker,
                     }
                 }
+                Some(RawPolicy::CacheAware {
+                    weights,
+                    load_gate,
+                    session_affinity,
+                    pd,
+                    tokenizer,
+                    block_size,
+                }) => PolicyConfig::CacheAware(validate_cache_aware(
+                    &format!("{f}.policy"),
+                    IndexKind::Approximate,
+                    weights,
+                    load_gate,
+                    session_affinity,
+                    pd,
+                    tokenizer,
+                    block_size,
+                )?),
+                Some(RawPolicy::PrecisePrefix {
+                    weights,
+                    load_gate,
+                    session_affinity,
+                    pd,
+                    tokenizer,
+                    block_size,
+                }) => PolicyConfig::CacheAware(validate_cache_aware(
+                    &format!("{f}.policy"),
+                    IndexKind::Precise,
+                    weights,
+                    load_gate,
+                    session_affinity,
+                    pd,
+                    tokenizer,
+                    block_size,
+                )?),
             };
             pools.push(PoolConfig {
                 model: p.model.unwrap_or_else(|| p.name.clone()),
@@ -583,6 +1045,10 @@ impl RawConfig {
             &self.drain_timeout,
             Duration::from_secs(30),
         )?;
+        let decisions_size = self.decisions.size.unwrap_or(1024);
+        if decisions_size == 0 || decisions_size > 1_000_000 {
+            return Err(invalid("decisions.size", "must be in 1..=1000000"));
+        }
         Ok(Config {
             listen,
             pools,
@@ -593,6 +1059,7 @@ impl RawConfig {
             scrape,
             max_body_bytes,
             drain_timeout,
+            decisions_size,
         })
     }
 }
@@ -624,10 +1091,12 @@ scrape: {interval: 50ms}
         )
         .unwrap();
         let c = raw.validate().unwrap();
-        assert_eq!(
-            c.pools[0].endpoints,
-            vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]
-        );
+        let urls: Vec<&str> = c.pools[0]
+            .endpoints
+            .iter()
+            .map(|e| e.url.as_str())
+            .collect();
+        assert_eq!(urls, vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]);
         assert_eq!(c.timeouts.idle, Duration::from_millis(500));
         assert_eq!(c.scrape.interval, Duration::from_millis(50));
         assert_eq!(

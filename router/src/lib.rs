@@ -8,12 +8,15 @@
 
 pub mod app;
 pub mod config;
+pub mod decisions;
 pub mod discovery;
 #[cfg(test)]
 mod handler_tests;
 pub mod kv_index;
 pub mod metrics;
+pub mod pd;
 pub mod proxy;
+pub mod route;
 pub mod scrape;
 pub mod snapshot;
 pub mod sse;
@@ -35,11 +38,16 @@ use crate::snapshot::SnapshotBuilder;
 pub fn start(
     config: &Config,
     mut discovery: Discovery,
-    registry: Registry,
+    mut registry: Registry,
     created_unix: u64,
     seed: u64,
 ) -> Arc<AppState> {
-    let mut builder = SnapshotBuilder::new(config);
+    let routing = Arc::new(route::Routing::new(
+        config.decisions_size,
+        route::CacheMetrics::register(&mut registry),
+        created_unix.saturating_mul(1000),
+    ));
+    let mut builder = SnapshotBuilder::new(config).with_routing(routing);
     let first = builder.build(&discovery.current());
     let shared = Arc::new(ArcSwap::from_pointee(first));
     let client = proxy::http_client(config.timeouts.connect);

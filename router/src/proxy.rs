@@ -25,6 +25,7 @@ use crate::app::{AppState, error_response, with_rng};
 use crate::metrics::{
     EndpointLabel, ModelLabel, ModelTokens, RetryReason, StreamOutcome, TokenKind,
 };
+use crate::route::{CacheView, PdLabel, Prepared};
 use crate::snapshot::{EndpointSnapshot, Pool};
 use crate::sse::{SseScanner, StreamCtx, Usage, proxy_stream};
 use crate::state::EndpointState;
@@ -450,6 +451,56 @@ fn retry_after_secs(app: &AppState, pool: &Pool, now: std::time::Instant) -> u64
         .min(app.proxy.max_retry_after_secs)
 }
 
+/// Runs the prefill leg of a disaggregated request on pool endpoint `pi` (counting it in flight there) and returns
+/// the decode leg's body, or why the request must be served colocated.
+#[allow(clippy::too_many_arguments)]
+async fn run_prefill_leg(
+    app: &AppState,
+    pool: &Pool,
+    pi: usize,
+    cache: &CacheView,
+    prep: &Prepared,
+    api: Api,
+    up_body: &Bytes,
+    headers: &HeaderMap,
+    request_id: &HeaderValue,
+) -> Result<Bytes, String> {
+    let pep = pool.endpoints[pi].clone();
+    let body = crate::pd::prefill_body(up_body)?;
+    let mut patt = Attempt::new(pep.state.clone(), u64::from(cache.uncached(prep, pi)) + 1);
+    let mut fwd = HeaderMap::with_capacity(headers.len());
+    for (k, v) in headers {
+        if !skip_header(k)
+            && k != "traceparent"
+            && k != "x-request-id"
+            && k != header::ACCEPT_ENCODING
+        {
+            fwd.append(k.clone(), v.clone());
+        }
+    }
+    let kv = crate::pd::run_prefill(
+        &app.client,
+        pep.authority.as_str(),
+        api,
+        body,
+        &fwd,
+        request_id,
+        app.proxy.first_byte,
+        app.proxy.max_response_bytes,
+    )
+    .await;
+    match kv {
+        Ok(kv) => {
+            patt.success();
+            crate::pd::decode_body(up_body, kv)
+        }
+        Err(e) => {
+            patt.failure(tokio::time::Instant::now().into_std());
+            Err(e)
+        }
+    }
+}
+
 /// Everything the proxy needs from a handler.
 pub struct Forward {
     /// Which upstream path to call.
@@ -507,8 +558,23 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         }
     };
     let est_tokens = body.len() as u64 / 4 + u64::from(parsed.max_tokens.unwrap_or(0));
+    let routing = snap.routing.clone();
+    let cache = pool.cache.as_ref();
+    // Cache-aware pools tokenize and look the prompt up once per request; other pools never pay for it.
+    let prep = cache.map(|c| {
+        let session = headers.get("x-session-id").and_then(|v| v.to_str().ok());
+        c.prepare(
+            api,
+            &body,
+            session,
+            tokio::time::Instant::now().into_std(),
+            &routing.metrics,
+        )
+    });
     let rv = RequestView {
-        prompt_tokens: (body.len() / 4) as u32,
+        prompt_tokens: prep
+            .as_ref()
+            .map_or((body.len() / 4) as u32, |p| p.prompt_tokens),
         max_tokens: parsed.max_tokens,
     };
     let trace = traceparent(headers.get("traceparent"));
@@ -552,7 +618,15 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                 v
             })
             .collect();
-        let choice = match with_rng(|r| pool.pipeline.select(&rv, &views, now_std, r)) {
+        let picked = match (cache, &prep) {
+            (Some(c), Some(p)) => with_rng(|r| c.decide(&rv, &views, p, attempt == 0, now_std, r))
+                .map(|d| (d.index, Some(d))),
+            _ => with_rng(|r| pool.pipeline.select(&rv, &views, now_std, r)).map(|c| {
+                tracing::trace!(scores = ?c.scores, "scored");
+                (c.index, None)
+            }),
+        };
+        let (index, decided) = match picked {
             Ok(c) => c,
             Err(no) => {
                 if last.is_some() {
@@ -575,12 +649,12 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                 );
             }
         };
-        tried.push(choice.index);
-        let ep = pool.endpoints[choice.index].clone();
+        tried.push(index);
+        let ep = pool.endpoints[index].clone();
         if !ep.state.try_acquire(now_std) {
             continue;
         }
-        tracing::debug!(endpoint = %ep.id, attempt, scores = ?choice.scores, "picked");
+        tracing::debug!(endpoint = %ep.id, attempt, "picked");
         app.metrics
             .picks
             .get_or_create(&EndpointLabel {
@@ -588,7 +662,70 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                 endpoint: ep.id.0.clone().into(),
             })
             .inc();
-        let mut att = Attempt::new(ep.state.clone(), est_tokens);
+        // In-flight tokens: the prompt part the pod must still compute (cache-aware pools know it) plus the output.
+        let att_tokens = match (cache, &prep) {
+            (Some(c), Some(p)) => {
+                u64::from(c.uncached(p, index)) + u64::from(parsed.max_tokens.unwrap_or(0))
+            }
+            _ => est_tokens,
+        };
+        let mut att = Attempt::new(ep.state.clone(), att_tokens);
+        let mut send_body = up_body.clone();
+        let mut recorded: Option<String> = None;
+        if let (Some(c), Some(p), Some(d)) = (cache, &prep, decided) {
+            c.commit(&d, p, now_std, &routing.metrics);
+            let prefill = d.prefill;
+            let is_pd = matches!(d.how, crate::route::How::Pd(_));
+            let rid = request_id.to_str().unwrap_or("").to_string();
+            let mut lazy = c.record(
+                &rid,
+                &model,
+                rv,
+                views,
+                p,
+                d,
+                now_std,
+                routing.unix_ms(now_std),
+            );
+            if let Some(pi) = prefill {
+                let outcome =
+                    run_prefill_leg(&app, pool, pi, c, p, api, &up_body, &headers, &request_id)
+                        .await;
+                match outcome {
+                    Ok(b) => {
+                        send_body = b;
+                        routing
+                            .metrics
+                            .pd
+                            .get_or_create(&PdLabel {
+                                decision: "disaggregated",
+                            })
+                            .inc();
+                    }
+                    Err(why) => {
+                        tracing::warn!(prefill = %pool.endpoints[pi].id, reason = %why, "prefill leg failed; serving colocated");
+                        routing
+                            .metrics
+                            .pd
+                            .get_or_create(&PdLabel {
+                                decision: "fallback",
+                            })
+                            .inc();
+                        lazy.fallback = Some(why);
+                    }
+                }
+            } else if is_pd {
+                routing
+                    .metrics
+                    .pd
+                    .get_or_create(&PdLabel {
+                        decision: "colocated",
+                    })
+                    .inc();
+            }
+            routing.ring.lock().push(lazy);
+            recorded = Some(rid);
+        }
 
         let mut rb = Request::builder().method(Method::POST).uri(format!(
             "http://{}{}",
@@ -614,7 +751,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
             h.insert(HeaderName::from_static("traceparent"), trace.clone());
         }
-        let req = match rb.body(Full::new(up_body.clone())) {
+        let req = match rb.body(Full::new(send_body)) {
             Ok(r) => r,
             Err(e) => {
                 att.verdict = true;
@@ -706,6 +843,10 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             if let Ok(v) = HeaderValue::from_str(ep.id.as_str()) {
                 h.insert(HeaderName::from_static("x-weir-endpoint"), v);
             }
+            h.insert(
+                HeaderName::from_static("x-weir-decision-id"),
+                request_id.clone(),
+            );
         }
 
         if is_sse && status.is_success() {
@@ -728,7 +869,22 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                     StreamOutcome::Cancelled => drop(att),
                 })),
             };
-            let body = Body::from_stream(proxy_stream(upstream, ctx));
+            let stream = proxy_stream(upstream, ctx);
+            let body = match recorded {
+                // Measured TTFT: when the first event reaches the client.
+                Some(rid) => {
+                    let routing = routing.clone();
+                    let mut first = true;
+                    Body::from_stream(futures::StreamExt::map(stream, move |item| {
+                        if first {
+                            first = false;
+                            routing.measured_ttft(&rid, start.elapsed().as_secs_f64() * 1000.0);
+                        }
+                        item
+                    }))
+                }
+                None => Body::from_stream(stream),
+            };
             return out
                 .body(body)
                 .unwrap_or_else(|_| Response::new(Body::empty()));
@@ -745,6 +901,9 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         };
         att.success();
         if status.is_success() {
+            if let Some(rid) = &recorded {
+                routing.measured_ttft(rid, start.elapsed().as_secs_f64() * 1000.0);
+            }
             if let Some(u) = usage_of(&bytes) {
                 app.metrics
                     .tokens

@@ -11,6 +11,7 @@ use policies::pick::breaker::BreakerConfig;
 
 use crate::config::{Config, PolicyConfig, RouteConfig};
 use crate::discovery::DiscoveredEndpoint;
+use crate::route::{CachePool, CacheView, Member, Routing, has_prefill};
 use crate::state::EndpointState;
 
 /// One endpoint in a snapshot.
@@ -26,6 +27,10 @@ pub struct Endpoint {
     pub role: Role,
     /// Labels from discovery.
     pub labels: BTreeMap<String, String>,
+    /// KV-event PUB address, for `precise-prefix` pools.
+    pub kv_events: Option<String>,
+    /// KV-event replay address.
+    pub kv_replay: Option<String>,
     /// Live state, shared across snapshots for the same id.
     pub state: Arc<EndpointState>,
 }
@@ -40,6 +45,9 @@ pub struct Pool {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Shared across snapshots so round-robin cursors survive rebuilds.
     pub pipeline: Arc<Pipeline>,
+    /// Cache-aware state (prefix index, sessions, P/D router) when the pool's policy is cache-aware; `None` keeps
+    /// the request path free of tokenizing and hashing.
+    pub cache: Option<CacheView>,
 }
 
 /// One weighted target of a route.
@@ -87,6 +95,8 @@ pub struct EndpointSnapshot {
     pub routes: Vec<Arc<Route>>,
     /// Served name or alias -> route.
     by_name: HashMap<Box<str>, Arc<Route>>,
+    /// Process-wide routing state (decision ring, cache metrics), the same in every snapshot.
+    pub routing: Arc<Routing>,
 }
 
 impl EndpointSnapshot {
@@ -118,6 +128,9 @@ pub struct SnapshotBuilder {
     states: HashMap<String, Arc<EndpointState>>,
     /// Pipelines by pool name.
     pipelines: HashMap<String, Arc<Pipeline>>,
+    /// Cache-aware pool state by pool name (indexes and subscriptions survive rebuilds).
+    caches: HashMap<String, Arc<CachePool>>,
+    routing: Arc<Routing>,
     version: u64,
 }
 
@@ -133,8 +146,16 @@ impl SnapshotBuilder {
             breaker: config.breaker,
             states: HashMap::new(),
             pipelines: HashMap::new(),
+            caches: HashMap::new(),
+            routing: Arc::new(Routing::default()),
             version: 0,
         }
+    }
+
+    /// Uses `routing` (decision ring, registered metrics) in every snapshot.
+    pub fn with_routing(mut self, routing: Arc<Routing>) -> Self {
+        self.routing = routing;
+        self
     }
 
     /// A new snapshot for this endpoint set. Endpoints with unparsable URLs are skipped with a warning.
@@ -180,15 +201,43 @@ impl SnapshotBuilder {
                     authority,
                     role: e.role,
                     labels: e.labels.clone(),
+                    kv_events: e.kv_events.clone(),
+                    kv_replay: e.kv_replay.clone(),
                     state,
                 }));
             }
             endpoints.sort_by(|a, b| a.id.cmp(&b.id));
+            let cache = match policy {
+                PolicyConfig::CacheAware(cfg) => {
+                    let pool = self
+                        .caches
+                        .entry(name.clone())
+                        .or_insert_with(|| Arc::new(CachePool::new(cfg, model)))
+                        .clone();
+                    let members: Vec<Member> = endpoints
+                        .iter()
+                        .map(|e| Member {
+                            id: e.id.clone(),
+                            kv_events: e.kv_events.clone(),
+                            kv_replay: e.kv_replay.clone(),
+                        })
+                        .collect();
+                    let slots = pool.sync(&members);
+                    Some(CacheView {
+                        pool,
+                        slots,
+                        ids: endpoints.iter().map(|e| e.id.clone()).collect(),
+                        pd: has_prefill(endpoints.iter().map(|e| e.role)),
+                    })
+                }
+                _ => None,
+            };
             pools.push(Pool {
                 name: Arc::from(name.as_str()),
                 model: Arc::from(model.as_str()),
                 endpoints,
                 pipeline,
+                cache,
             });
         }
         // Forget state of endpoints that left (a returning pod starts fresh).
@@ -247,6 +296,7 @@ impl SnapshotBuilder {
             pools,
             routes,
             by_name,
+            routing: self.routing.clone(),
         }
     }
 }

@@ -31,6 +31,10 @@ use crate::{Error, Result};
 
 /// Pod label carrying the P/D role (`prefill`, `decode`, `prefill-decode`).
 pub const ROLE_LABEL: &str = "llm-d.ai/role";
+/// Pod annotation (or label) carrying the vLLM KV-event PUB port; the publisher is `tcp://<podIP>:<port>`.
+pub const KV_EVENTS_PORT: &str = "weir.dev/kv-events-port";
+/// Pod annotation (or label) carrying the KV-event replay port (default: the PUB port + 1 when the PUB port is set).
+pub const KV_REPLAY_PORT: &str = "weir.dev/kv-replay-port";
 /// Pod label carrying the GPU type (e.g. `H100`, `A100-80`, `L4`); read with [`gpu_type`].
 pub const GPU_LABEL: &str = "weir.dev/gpu";
 
@@ -160,6 +164,15 @@ pub fn endpoints<'a>(
         } else {
             ip.to_string()
         };
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        let port_of = |key: &str| {
+            annotations
+                .get(key)
+                .or_else(|| labels.get(key))
+                .and_then(|v| v.parse::<u16>().ok())
+        };
+        let kv_port = port_of(KV_EVENTS_PORT);
+        let replay_port = port_of(KV_REPLAY_PORT).or(kv_port.and_then(|p| p.checked_add(1)));
         for port in ports {
             out.push(DiscoveredEndpoint {
                 id: format!("{name}:{port}"),
@@ -167,6 +180,10 @@ pub fn endpoints<'a>(
                 pool: pool.to_string(),
                 role,
                 labels: labels.clone(),
+                kv_events: kv_port.map(|p| format!("tcp://{host}:{p}")),
+                kv_replay: kv_port
+                    .and(replay_port)
+                    .map(|p| format!("tcp://{host}:{p}")),
             });
         }
     }

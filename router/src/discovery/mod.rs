@@ -34,6 +34,10 @@ pub struct DiscoveredEndpoint {
     pub role: Role,
     /// Pod labels (or config labels), for future filters; never used as metric labels.
     pub labels: BTreeMap<String, String>,
+    /// vLLM KV-event PUB address (`tcp://host:port`), followed by `precise-prefix` pools.
+    pub kv_events: Option<String>,
+    /// KV-event replay ROUTER address, to fill sequence gaps.
+    pub kv_replay: Option<String>,
 }
 
 impl DiscoveredEndpoint {
@@ -49,6 +53,8 @@ impl DiscoveredEndpoint {
             pool: pool.to_string(),
             role: Role::Both,
             labels: BTreeMap::new(),
+            kv_events: None,
+            kv_replay: None,
         }
     }
 }
@@ -80,9 +86,12 @@ impl Discovery {
             .pools
             .iter()
             .flat_map(|p| {
-                p.endpoints
-                    .iter()
-                    .map(move |u| DiscoveredEndpoint::from_url(&p.name, u))
+                p.endpoints.iter().map(move |e| DiscoveredEndpoint {
+                    role: e.role,
+                    kv_events: e.kv_events.clone(),
+                    kv_replay: e.kv_replay.clone(),
+                    ..DiscoveredEndpoint::from_url(&p.name, &e.url)
+                })
             })
             .collect();
         let tx = self.add_source("static");

@@ -24,9 +24,17 @@ pub struct ServeArgs {
     /// A pool of static backends: `model=http://host:port[,http://host:port..]`. Repeatable.
     #[arg(long = "backend")]
     backends: Vec<String>,
-    /// Policy for pools that do not set one: round-robin, random, least-requests, power-of-two.
+    /// Policy for pools that do not set one: round-robin, random, least-requests, power-of-two, cache-aware
+    /// (approximate prefix index), precise-prefix (index fed by the pods' KV events, see --kv-events).
     #[arg(long)]
     policy: Option<String>,
+    /// KV-event addresses of a --backend endpoint: `http://host:port=tcp://host:5557[,tcp://host:5558]` (publisher,
+    /// then the replay socket). Repeatable.
+    #[arg(long = "kv-events")]
+    kv_events: Vec<String>,
+    /// P/D role of a --backend endpoint: `http://host:port=prefill|decode|both`. Repeatable.
+    #[arg(long = "role")]
+    roles: Vec<String>,
     /// Upstream connect timeout (e.g. 1s).
     #[arg(long)]
     connect_timeout: Option<String>,
@@ -86,8 +94,25 @@ pub(crate) fn raw_policy(name: &str) -> anyhow::Result<RawPolicy> {
         "random" => RawPolicy::Random,
         "least-requests" => RawPolicy::LeastRequests,
         "power-of-two" => RawPolicy::PowerOfTwo,
+        "cache-aware" => RawPolicy::CacheAware {
+            weights: None,
+            load_gate: None,
+            session_affinity: None,
+            pd: None,
+            tokenizer: None,
+            block_size: None,
+        },
+        "precise-prefix" => RawPolicy::PrecisePrefix {
+            weights: None,
+            load_gate: None,
+            session_affinity: None,
+            pd: None,
+            tokenizer: None,
+            block_size: None,
+        },
         other => anyhow::bail!(
-            "unknown --policy `{other}` (round-robin, random, least-requests, power-of-two)"
+            "unknown --policy `{other}` (round-robin, random, least-requests, power-of-two, cache-aware, \
+             precise-prefix)"
         ),
     })
 }
@@ -111,6 +136,12 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<router::config::Config> {
     };
     for b in &args.backends {
         raw.add_backend_flag(b)?;
+    }
+    for k in &args.kv_events {
+        raw.add_kv_events_flag(k)?;
+    }
+    for r in &args.roles {
+        raw.add_role_flag(r)?;
     }
     if let Some(p) = &args.policy {
         let pol = raw_policy(p)?;
