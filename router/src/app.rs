@@ -383,41 +383,86 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Connection settings of the front door (HTTP/1.1 only, like vLLM).
+fn http1_builder() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        // Slow-loris bound: a client must send its request head within this.
+        .header_read_timeout(Some(Duration::from_secs(30)))
+        .keep_alive(true)
+        // Queue body chunks instead of copying them into the write buffer (SSE events pass through untouched).
+        .writev(true);
+    b
+}
+
 /// Serves until `shutdown` resolves, then drains: `/health` turns 503, no new connections are accepted, in-flight
 /// requests and streams may finish until `drain_timeout`, after which the remaining ones are dropped.
+///
+/// Connections are served by hyper's HTTP/1 connection directly (no protocol sniffing, one task per connection):
+/// measured less resident memory per open stream than `axum::serve`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let st = state.clone();
-    let signal = async move {
-        shutdown.await;
-        st.draining.store(true, Ordering::Relaxed);
-        tracing::info!(
-            in_flight = st.active_requests.load(Ordering::Relaxed),
-            "draining"
-        );
-        let _ = tx.send(());
-    };
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(signal);
-    let deadline = async move {
-        if rx.await.is_ok() {
-            tokio::time::sleep(drain_timeout).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        r = server => r,
-        () = deadline => {
-            tracing::warn!(
-                in_flight = state.active_requests.load(Ordering::Relaxed),
-                "drain deadline passed; closing remaining requests"
-            );
-            Ok(())
-        }
+    let router = app(state.clone());
+    let builder = http1_builder();
+    // Every connection task holds a receiver: `true` asks it to finish its current request and close; the sender
+    // sees `closed()` once all connections are gone.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning; the listener stays up.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            tower::ServiceExt::oneshot(router.clone(), req)
+        });
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
     }
+    drop(listener);
+    drop(stop_rx);
+    state.draining.store(true, Ordering::Relaxed);
+    tracing::info!(
+        in_flight = state.active_requests.load(Ordering::Relaxed),
+        "draining"
+    );
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(drain_timeout, stop_tx.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = state.active_requests.load(Ordering::Relaxed),
+            "drain deadline passed; closing remaining requests"
+        );
+    }
+    Ok(())
 }

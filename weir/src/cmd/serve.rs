@@ -65,7 +65,8 @@ pub struct ServeArgs {
     /// Seed for pick randomness (default: from the clock; logged).
     #[arg(long)]
     seed: Option<u64>,
-    /// Kubernetes API base URL (plain HTTP, e.g. a `kubectl proxy` sidecar) to discover endpoints from.
+    /// Kubernetes API base URL to discover endpoints from (e.g. a `kubectl proxy` sidecar). Without it,
+    /// `--k8s-inference-pool`/`--k8s-selector` use the in-cluster service account or the local kubeconfig.
     #[arg(long, env = "WEIR_K8S_API")]
     k8s_api: Option<String>,
     /// Namespace of the model-server pods.
@@ -175,16 +176,32 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<router::config::Config> {
     Ok(raw.validate()?)
 }
 
+/// The Kubernetes client: `--k8s-api URL` talks to that URL (e.g. a `kubectl proxy` sidecar); otherwise
+/// `kube::Client::try_default()` uses the in-cluster service account (or the local kubeconfig), over TLS.
+async fn kubernetes_client(args: &ServeArgs) -> anyhow::Result<kube::Client> {
+    match &args.k8s_api {
+        Some(api) => {
+            let url: hyper::Uri = api.parse().with_context(|| format!("--k8s-api `{api}`"))?;
+            let mut cfg = kube::Config::new(url);
+            cfg.default_namespace.clone_from(&args.k8s_namespace);
+            kube::Client::try_from(cfg).context("building the Kubernetes client")
+        }
+        None => kube::Client::try_default()
+            .await
+            .context("no --k8s-api given and no in-cluster service account or kubeconfig found"),
+    }
+}
+
+/// Kubernetes discovery is on when any of its selection flags (or `--k8s-api`) is given.
+fn wants_kubernetes(args: &ServeArgs) -> bool {
+    args.k8s_api.is_some() || args.k8s_inference_pool.is_some() || args.k8s_selector.is_some()
+}
+
 /// The Kubernetes discovery source from the `--k8s-*` flags (must run inside the tokio runtime).
-fn kubernetes_source(
+async fn kubernetes_source(
     args: &ServeArgs,
-    api: &str,
 ) -> anyhow::Result<router::discovery::kubernetes::KubernetesDiscovery> {
     use router::discovery::kubernetes::{KubernetesDiscovery, Selection};
-    let url: hyper::Uri = api.parse().with_context(|| format!("--k8s-api `{api}`"))?;
-    let mut cfg = kube::Config::new(url);
-    cfg.default_namespace.clone_from(&args.k8s_namespace);
-    let client = kube::Client::try_from(cfg).context("building the Kubernetes client")?;
     let selection = match (&args.k8s_inference_pool, &args.k8s_selector) {
         (Some(pool), None) => Selection::InferencePool(pool.clone()),
         (None, Some(sel)) => {
@@ -216,8 +233,11 @@ fn kubernetes_source(
                 ports,
             }
         }
-        _ => anyhow::bail!("--k8s-api needs exactly one of --k8s-inference-pool or --k8s-selector"),
+        _ => anyhow::bail!(
+            "Kubernetes discovery needs exactly one of --k8s-inference-pool or --k8s-selector"
+        ),
     };
+    let client = kubernetes_client(args).await?;
     Ok(KubernetesDiscovery::new(
         client,
         &args.k8s_namespace,
@@ -261,8 +281,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let seed = args.seed.unwrap_or(now.as_nanos() as u64 ^ u64::from(std::process::id()));
         let mut discovery = Discovery::new();
         discovery.add_static(&config);
-        if let Some(api) = &args.k8s_api {
-            let k8s = kubernetes_source(&args, api)?;
+        if wants_kubernetes(&args) {
+            let k8s = kubernetes_source(&args).await?;
             let tx = discovery.add_source("kubernetes");
             tokio::spawn(k8s.run(tx));
         }
