@@ -51,7 +51,13 @@ async fn demo_routes_through_its_own_fleet() {
         );
         served_by.push(ep.to_string());
     }
-    // The repeated system prompt is cached on whichever pods served it.
+    // Cache-aware by default: the repeated system prompt goes back to the pod that holds it, which hits its cache.
+    served_by.dedup();
+    assert_eq!(
+        served_by.len(),
+        1,
+        "the same prefix moved between pods: {served_by:?}"
+    );
     let mut hits = 0.0;
     for p in &pods {
         hits += common::metric(&scrape(p).await, "vllm:prefix_cache_hits_total");

@@ -24,14 +24,14 @@ pub struct DemoArgs {
     #[arg(long, default_value = "4xh100:llama-3.1-8b,2xl4:llama-3.1-8b")]
     fleet: String,
     /// Routing policy of the pool (see `weir serve --help`).
-    #[arg(long, default_value = "least-requests")]
+    #[arg(long, default_value = "precise-prefix")]
     policy: String,
     /// Model seconds per real second in the pods (1 = as fast as the GPUs would be).
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
-    /// Seed for the pods' jitter and the router's picks.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Seed for the pods' jitter and the router's picks and request ids (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -43,6 +43,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
+    let now = super::serve::wall_clock();
+    let seed = args
+        .seed
+        .unwrap_or(now.as_nanos() as u64 ^ u64::from(std::process::id()));
     let fleet = FleetSpec::parse(&args.fleet).map_err(|e| anyhow::anyhow!("--fleet: {e}"))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut pods: Vec<PodEndpoint> = Vec::new();
@@ -50,7 +54,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     for (i, profile) in fleet.pods().into_iter().enumerate() {
         let mut o = PodOptions::new(profile);
         o.time_scale = args.time_scale;
-        o.seed = args.seed.wrapping_add(i as u64);
+        o.seed = seed.wrapping_add(i as u64);
         o.startup_delay = Some(0.0);
         o.enable_prompt_tokens_details = true;
         o.kv_events = Some(KvEventsConfig {
@@ -79,6 +83,17 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
             .collect();
         raw.add_backend_flag(&format!("{m}={}", urls.join(",")))?;
     }
+    // Every pod publishes KV events; precise-prefix pools subscribe to them.
+    for p in &pods {
+        if let Some(pub_ep) = &p.kv_events {
+            let replay = p
+                .replay
+                .as_deref()
+                .map(|r| format!(",{r}"))
+                .unwrap_or_default();
+            raw.add_kv_events_flag(&format!("{}={pub_ep}{replay}", p.url))?;
+        }
+    }
     raw.listen = Some(args.listen.clone());
     let policy = super::serve::raw_policy(&args.policy)?;
     for pool in raw.pools.iter_mut() {
@@ -89,8 +104,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let mut discovery = Discovery::new();
     discovery.add_static(&config);
     let registry = prometheus_client::registry::Registry::default();
-    let now = super::serve::wall_clock();
-    let state = router::start(&config, discovery, registry, now.as_secs(), args.seed);
+    let state = router::start(&config, discovery, registry, now.as_secs(), seed);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {} (pick another with --listen)", config.listen))?;
