@@ -274,10 +274,11 @@ async fn injected_errors_keep_status_in_openai_shape() {
     let s = sim(&[]);
     let r = serve(&[&s], &[]);
     let body = json!({"model": "m", "prompt": "x"});
+    // 429 last: a backend 429 cools its (only) pod for its Retry-After, so later requests would find no pod.
     for (status, code) in [
-        ("429", "rate_limit_exceeded"),
         ("503", "service_unavailable"),
         ("400", "invalid_value"),
+        ("429", "rate_limit_exceeded"),
     ] {
         let (st, h, text) = post(
             &format!("{}/v1/completions", r.url),
@@ -524,4 +525,59 @@ async fn endpoints_discovered_from_kubernetes_receive_traffic() {
     .await;
     let (_, h, _) = post(&url, &body, &[]).await;
     assert_eq!(h["x-weir-endpoint"], format!("vllm-0:{port}"));
+}
+
+/// A backend that answers every completion with 429 and `Retry-After: 30`, counting them; `/metrics` is empty.
+async fn rate_limited_backend() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let busy = move || {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            (
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "30"), ("content-type", "application/json")],
+                r#"{"error":{"message":"busy","type":"RateLimitError","param":null,"code":429}}"#,
+            )
+        }
+    };
+    let app = axum::Router::new()
+        .route("/v1/completions", axum::routing::post(busy))
+        .route("/metrics", axum::routing::get(|| async { "" }));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(l, app).await.ok() });
+    (url, hits)
+}
+
+#[tokio::test]
+async fn backend_429_cools_the_endpoint_and_retries_elsewhere() {
+    let s = sim(&[]);
+    let (busy, hits) = rate_limited_backend().await;
+    let backend = format!("m={busy},{}", s.url);
+    let r = spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            &backend,
+            "--policy",
+            "round-robin",
+        ],
+        |v| v["listen"].as_str().map(str::to_string),
+    );
+    let url = format!("{}/v1/completions", r.url);
+    let body = json!({"model": "m", "prompt": "x", "max_tokens": 1});
+    for i in 0..10 {
+        let (status, _, text) = post(&url, &body, &[]).await;
+        assert_eq!(status, 200, "request {i} was not retried elsewhere: {text}");
+    }
+    // Round-robin alone would send half of them to the busy pod; its Retry-After (30 s) keeps it out after one 429.
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

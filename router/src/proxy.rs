@@ -440,6 +440,17 @@ fn usage_of(body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<P>(body).ok().and_then(|p| p.usage)
 }
 
+/// How long a backend 429 keeps its endpoint out of picks: its `Retry-After` seconds, 5 s when absent or not a number
+/// of seconds, at most 60 s.
+fn backend_cooldown(retry_after: Option<&HeaderValue>) -> Duration {
+    let secs = retry_after
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(5)
+        .min(60);
+    Duration::from_secs(secs)
+}
+
 /// Time until the first breaker in the pool closes again, rounded up to whole seconds (at least 1).
 fn retry_after_secs(app: &AppState, pool: &Pool, now: std::time::Instant) -> u64 {
     pool.endpoints
@@ -802,6 +813,12 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let d = backend_cooldown(resp.headers().get(header::RETRY_AFTER));
+            ep.state
+                .cool(tokio::time::Instant::now().duration_since(app.epoch), d);
+            tracing::debug!(endpoint = %ep.id, cooldown_ms = d.as_millis() as u64, "backend 429; cooling the endpoint");
+        }
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             if status.is_server_error() {
                 att.failure(tokio::time::Instant::now().into_std());

@@ -32,6 +32,9 @@ pub struct EndpointState {
     pub scrape_failures: AtomicU32,
     /// Circuit breaker over request outcomes.
     breaker: Mutex<CircuitBreaker>,
+    /// Backend-429 cooldown: not picked until this many ms since the router's epoch (0 = never cooled). A 429 is
+    /// capacity, not failure, so it never touches the breaker.
+    cooled_until_ms: AtomicU64,
 }
 
 /// Scraped values to store.
@@ -57,6 +60,7 @@ impl EndpointState {
             num_gpu_blocks: AtomicU64::new(0),
             scrape_failures: AtomicU32::new(0),
             breaker: Mutex::new(CircuitBreaker::new(breaker)),
+            cooled_until_ms: AtomicU64::new(0),
         }
     }
 
@@ -111,11 +115,24 @@ impl EndpointState {
         EndpointView {
             index,
             role,
-            available: self.breaker.lock().is_available(now),
+            available: !self.cooling(since_epoch) && self.breaker.lock().is_available(now),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             in_flight_tokens: self.in_flight_tokens.load(Ordering::Relaxed),
             scraped: self.scraped(since_epoch, stale),
         }
+    }
+
+    /// Keeps the endpoint out of picks for `d` after `since_epoch` (a backend 429's `Retry-After`); never shortens a
+    /// cooldown already running.
+    pub fn cool(&self, since_epoch: Duration, d: Duration) {
+        let until = u64::try_from(since_epoch.saturating_add(d).as_millis()).unwrap_or(u64::MAX);
+        self.cooled_until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether a backend-429 cooldown is running at `since_epoch`.
+    pub fn cooling(&self, since_epoch: Duration) -> bool {
+        u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+            < self.cooled_until_ms.load(Ordering::Relaxed)
     }
 
     /// Claims a request slot through the breaker (takes the half-open probe if that is the state).
@@ -149,6 +166,23 @@ impl EndpointState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_429_cools_for_its_retry_after_and_never_shortens() {
+        let s = EndpointState::new(BreakerConfig::default());
+        let now = tokio::time::Instant::now().into_std();
+        let at = |ms| Duration::from_millis(ms);
+        let avail = |ms| s.view(0, Role::Both, now, at(ms), at(1000)).available;
+        assert!(avail(1000));
+        s.cool(at(1000), Duration::from_secs(5));
+        assert!(!avail(1000) && !avail(5999));
+        s.cool(at(2000), Duration::from_secs(1));
+        assert!(
+            !avail(5999),
+            "a shorter Retry-After must not end the running cooldown"
+        );
+        assert!(avail(6000));
+    }
 
     #[test]
     fn scrape_goes_stale() {
