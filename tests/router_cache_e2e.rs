@@ -3,6 +3,8 @@
 //! load spreads (load gate), P/D disaggregates long prompts and falls back when the prefill pod fails, and decision
 //! records are served by request id.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::collections::BTreeSet;
