@@ -9,6 +9,7 @@ pub mod blocks;
 pub mod decision;
 pub mod endpoint;
 pub mod errors;
+pub mod hf_tokenizer;
 pub mod kv_events;
 pub mod openai;
 pub mod pick;
