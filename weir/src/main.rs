@@ -5,6 +5,12 @@ mod cmd;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc instead of glibc malloc: measured router RSS at 9,000 open streams 268 -> 247 MB and router CPU per tiny
+/// request 48.5 -> 45.9 us (glibc's malloc/free/consolidate were ~10% of the router's profile). Runtime tuning
+/// (`narenas:1,tcache:false`, `background_thread`, `dirty_decay_ms:1000`) measured no further change.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// weir: an OpenAI-compatible control plane for LLM inference on Kubernetes.
 #[derive(Parser, Debug)]
 #[command(name = "weir", version, about, propagate_version = true)]
