@@ -216,7 +216,8 @@ async fn completions(app: Arc<AppState>, api: Api, req: Request) -> Response {
         return error_response(&too_large(limit), &rid, None);
     }
     let (parts, body) = req.into_parts();
-    let span = tracing::info_span!("request", request_id = ?rid, api = api.path(), model = tracing::field::Empty);
+    // Debug level: at the default `info` filter the span is disabled, so no fields are formatted per request.
+    let span = tracing::debug_span!("request", request_id = ?rid, api = api.path(), model = tracing::field::Empty);
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) => {
@@ -395,6 +396,34 @@ fn http1_builder() -> hyper::server::conn::http1::Builder {
     b
 }
 
+/// One client connection: HTTP/1 requests through `router` until the peer closes or `stop` turns `true`, then a
+/// graceful close (the current request or stream may finish).
+fn connection(
+    builder: &hyper::server::conn::http1::Builder,
+    stream: tokio::net::TcpStream,
+    router: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        tower::ServiceExt::oneshot(router.clone(), req)
+    });
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+    async move {
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains: `/health` turns 503, no new connections are accepted, in-flight
 /// requests and streams may finish until `drain_timeout`, after which the remaining ones are dropped.
 ///
@@ -426,26 +455,12 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            tower::ServiceExt::oneshot(router.clone(), req)
-        });
-        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                    return;
-                }
-                _ = stop.wait_for(|s| *s) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        });
+        tokio::spawn(connection(
+            &builder,
+            stream,
+            router.clone(),
+            stop_rx.clone(),
+        ));
     }
     drop(listener);
     drop(stop_rx);
@@ -465,4 +480,23 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection task is what every open stream keeps alive on the client side: keep its future small.
+    #[tokio::test]
+    async fn connection_task_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let fut = connection(&http1_builder(), stream, Router::new(), rx);
+        let size = std::mem::size_of_val(&fut);
+        println!("connection task future: {size} bytes");
+        assert!(size < 16 << 10, "{size} bytes");
+    }
 }
