@@ -79,6 +79,38 @@ impl SseScanner {
         (out.freeze(), stats)
     }
 
+    /// Like [`push`](Self::push) for an owned chunk: when nothing is buffered (the usual case, a read holds whole
+    /// events) the kept events are returned as a slice of `chunk` itself, without a copy or an allocation.
+    pub fn push_bytes(&mut self, chunk: Bytes) -> (Bytes, PushStats) {
+        if !self.buf.is_empty() {
+            return self.push(&chunk);
+        }
+        let mut stats = PushStats::default();
+        // `chunk[..kept]` holds only kept events until one is dropped; then `copied` takes over.
+        let mut kept = 0;
+        let mut copied: Option<BytesMut> = None;
+        let mut pos = 0;
+        while let Some(len) = find_event_end(&chunk[pos..]) {
+            let end = pos + len;
+            let keep = self.keep(&chunk[pos..end], &mut stats);
+            match (&mut copied, keep) {
+                (None, true) => kept = end,
+                (None, false) => copied = Some(BytesMut::from(&chunk[..kept])),
+                (Some(c), true) => c.extend_from_slice(&chunk[pos..end]),
+                (Some(_), false) => {}
+            }
+            pos = end;
+        }
+        if pos < chunk.len() {
+            self.buf.extend_from_slice(&chunk[pos..]);
+        }
+        let out = match copied {
+            Some(c) => c.freeze(),
+            None => chunk.slice(..kept),
+        };
+        (out, stats)
+    }
+
     /// Whatever is buffered without a terminating blank line (a truncated event).
     pub fn pending(&self) -> usize {
         self.buf.len()
@@ -217,7 +249,7 @@ where
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    let (out, stats) = st.ctx.scanner.push(&data);
+                    let (out, stats) = st.ctx.scanner.push_bytes(data);
                     if stats.token_events > 0 {
                         let now = tokio::time::Instant::now();
                         let label = ModelLabel {
@@ -348,6 +380,7 @@ mod tests {
             tokens in 0usize..6,
             cuts in proptest::collection::vec(0usize..2000, 0..8),
             strip in proptest::bool::ANY,
+            owned in proptest::bool::ANY,
         ) {
             let mut all = CHUNK.repeat(tokens);
             all.push_str(USAGE);
@@ -358,8 +391,14 @@ mod tests {
             let mut out = Vec::new();
             let mut events = 0;
             let mut prev = 0;
-            for c in cuts.into_iter().chain([all.len()]) {
-                let (b, st) = s.push(&all.as_bytes()[prev..c]);
+            for (i, c) in cuts.into_iter().chain([all.len()]).enumerate() {
+                // Both entry points, alternating, must agree byte for byte.
+                let piece = &all.as_bytes()[prev..c];
+                let (b, st) = if (i + usize::from(owned)) % 2 == 0 {
+                    s.push(piece)
+                } else {
+                    s.push_bytes(Bytes::copy_from_slice(piece))
+                };
                 out.extend_from_slice(&b);
                 events += st.token_events;
                 prev = c;
@@ -370,6 +409,28 @@ mod tests {
             proptest::prop_assert_eq!(s.usage, Some(Usage { prompt_tokens: 3, completion_tokens: 2 }));
             proptest::prop_assert!(s.saw_done);
         }
+    }
+
+    #[test]
+    fn whole_events_pass_through_without_a_copy() {
+        let all = Bytes::from(format!("{CHUNK}{CHUNK}{DONE}"));
+        let mut s = SseScanner::new(true);
+        let (out, stats) = s.push_bytes(all.clone());
+        assert_eq!(out, all);
+        assert_eq!(
+            out.as_ptr(),
+            all.as_ptr(),
+            "kept events are a slice of the chunk"
+        );
+        assert_eq!(stats.token_events, 2);
+        assert!(s.saw_done);
+        let mut s = SseScanner::new(true);
+        let (out, _) = s.push_bytes(Bytes::from(format!("{CHUNK}{USAGE}{DONE}")));
+        assert_eq!(out, Bytes::from(format!("{CHUNK}{DONE}")));
+        assert_eq!(s.pending(), 0);
+        let (out, _) = s.push_bytes(Bytes::from(&CHUNK[..10]));
+        assert!(out.is_empty());
+        assert_eq!(s.pending(), 10);
     }
 
     #[test]
