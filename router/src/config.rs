@@ -20,7 +20,7 @@
 //!       load_gate: {margin: 100ms, prefill_tokens_per_s: 15928}   # or `load_gate: off`
 //!       session_affinity: true       # x-session-id keeps a conversation on its pod (session weight 1 if unset)
 //!       pd: {non_cached_tokens: 16, min_prompt_tokens: 0, ttft_margin: 100ms}   # non_cached_tokens 0 = no P/D
-//!       tokenizer: byte              # tokenizer + Llama-3 chat template the pods use
+//!       tokenizer: byte              # tokenizer + Llama-3 chat template the pods use; or {hf: /path/tokenizer.json}
 //!       block_size: 16               # tokens per hashed block (the engine's block size for precise-prefix)
 //! decisions: {size: 1024}            # decision-record ring for /debug/decisions
 //! models:                            # optional: client-facing names, aliases and weighted splits
@@ -188,7 +188,7 @@ pub enum RawPolicy {
         #[serde(default)]
         pd: Option<RawPd>,
         #[serde(default)]
-        tokenizer: Option<String>,
+        tokenizer: Option<RawTokenizer>,
         #[serde(default)]
         block_size: Option<u32>,
     },
@@ -203,7 +203,7 @@ pub enum RawPolicy {
         #[serde(default)]
         pd: Option<RawPd>,
         #[serde(default)]
-        tokenizer: Option<String>,
+        tokenizer: Option<RawTokenizer>,
         #[serde(default)]
         block_size: Option<u32>,
     },
@@ -384,17 +384,57 @@ pub enum IndexKind {
     Precise,
 }
 
+/// `tokenizer:` of a cache-aware policy as written: a name (`byte`) or `{hf: <path to tokenizer.json>}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawTokenizer {
+    /// A built-in tokenizer by name.
+    Name(String),
+    /// An HF `tokenizer.json` (needs the `hf` cargo feature).
+    Hf {
+        /// Local path of the file.
+        hf: String,
+    },
+}
+
 /// Tokenizer (and chat template) a pool's pods use; the prefix index hashes its ids.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum TokenizerKind {
     /// weir's ~4-bytes-per-token tokenizer with the Llama-3 chat template (what `weir sim` runs).
     Byte,
+    /// An HF `tokenizer.json`, loaded once at validation so a bad file is a config error.
+    Hf {
+        /// The file it was loaded from (identity for equality and debug output).
+        path: String,
+        /// The loaded tokenizer, shared by the pool.
+        tokenizer: std::sync::Arc<dyn policies::tokens::Tokenizer>,
+    },
+}
+
+impl std::fmt::Debug for TokenizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Byte => f.write_str("Byte"),
+            Self::Hf { path, .. } => f.debug_struct("Hf").field("path", path).finish(),
+        }
+    }
+}
+
+impl PartialEq for TokenizerKind {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Byte, Self::Byte) => true,
+            (Self::Hf { path: a, .. }, Self::Hf { path: b, .. }) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl TokenizerKind {
-    pub fn build(self) -> std::sync::Arc<dyn policies::tokens::Tokenizer> {
+    pub fn build(&self) -> std::sync::Arc<dyn policies::tokens::Tokenizer> {
         match self {
             Self::Byte => std::sync::Arc::new(policies::tokens::ByteTokenizer),
+            Self::Hf { tokenizer, .. } => std::sync::Arc::clone(tokenizer),
         }
     }
 }
@@ -655,7 +695,7 @@ fn validate_cache_aware(
     load_gate: Option<RawGate>,
     session_affinity: Option<bool>,
     pd: Option<RawPd>,
-    tokenizer: Option<String>,
+    tokenizer: Option<RawTokenizer>,
     block_size: Option<u32>,
 ) -> Result<CacheAwareConfig, Error> {
     let d = Weights::llm_d();
@@ -737,13 +777,23 @@ fn validate_cache_aware(
         cost: gate.map_or(dp.cost, |g| g.cost),
         ..dp
     };
-    let tokenizer = match tokenizer.as_deref() {
-        None | Some("byte") => TokenizerKind::Byte,
-        Some(other) => {
+    let tokenizer = match tokenizer {
+        None => TokenizerKind::Byte,
+        Some(RawTokenizer::Name(n)) if n == "byte" => TokenizerKind::Byte,
+        Some(RawTokenizer::Name(other)) => {
             return Err(invalid(
                 format!("{f}.tokenizer"),
-                format!("unknown tokenizer `{other}` (byte)"),
+                format!("unknown tokenizer `{other}` (byte or {{hf: <path>}})"),
             ));
+        }
+        Some(RawTokenizer::Hf { hf }) => {
+            let tokenizer =
+                policies::hf_tokenizer::load_tokenizer_file(std::path::Path::new(&hf), None)
+                    .map_err(|e| invalid(format!("{f}.tokenizer.hf"), e.to_string()))?;
+            TokenizerKind::Hf {
+                path: hf,
+                tokenizer,
+            }
         }
     };
     let block_size = block_size.unwrap_or(16);
@@ -1170,5 +1220,31 @@ scrape: {interval: 50ms}
         assert_eq!(parse_duration("x", "2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("x", "fast").is_err());
         assert!(parse_duration("x", "1e300h").is_err());
+    }
+
+    #[test]
+    fn hf_tokenizer_file_is_loaded_at_validation() {
+        let yaml = |tok: &str| {
+            format!(
+                "pools: [{{name: a, endpoints: [http://127.0.0.1:1], policy: {{kind: cache-aware, tokenizer: {tok}}}}}]"
+            )
+        };
+        let ok = RawConfig::from_yaml(&yaml("byte")).unwrap().validate();
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = RawConfig::from_yaml(&yaml("{hf: /nonexistent/tokenizer.json}"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tokenizer.hf"), "{e}");
+        assert!(e.contains("/nonexistent/tokenizer.json"), "{e}");
+        #[cfg(not(feature = "hf"))]
+        assert!(e.contains("`hf` cargo feature"), "{e}");
+        let e = RawConfig::from_yaml(&yaml("sentencepiece"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown tokenizer `sentencepiece`"), "{e}");
     }
 }

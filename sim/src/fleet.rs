@@ -82,6 +82,27 @@ pub struct PodOptions {
     pub kv_events: Option<KvEventsConfig>,
     /// Fault injection.
     pub faults: FaultConfig,
+    /// Tokenizer for prompts and generated text (`weir sim --tokenizer FILE`).
+    pub tokenizer: PodTokenizer,
+}
+
+/// A shared tokenizer in [`PodOptions`]; [`ByteTokenizer`](policies::tokens::ByteTokenizer) by default.
+#[derive(Clone)]
+pub struct PodTokenizer(pub std::sync::Arc<dyn policies::tokens::Tokenizer>);
+
+impl Default for PodTokenizer {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(policies::tokens::ByteTokenizer))
+    }
+}
+
+impl std::fmt::Debug for PodTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodTokenizer")
+            .field("vocab_size", &self.0.vocab_size())
+            .field("eos_token_id", &self.0.eos_token_id())
+            .finish()
+    }
 }
 
 impl PodOptions {
@@ -107,6 +128,7 @@ impl PodOptions {
             enable_prefix_caching: true,
             kv_events: None,
             faults: FaultConfig::default(),
+            tokenizer: PodTokenizer::default(),
         }
     }
 }
@@ -276,7 +298,7 @@ pub async fn start_pod(
         seed: o.seed ^ 0xfa17,
         ..o.faults.clone()
     });
-    let state = PodState::new(pod_cfg, driver, metrics, faults);
+    let state = PodState::with_tokenizer(pod_cfg, driver, metrics, faults, o.tokenizer.0.clone());
     let mut rx = shutdown;
     let task = tokio::spawn(serve(listener, state, async move {
         let _ = rx.wait_for(|v| *v).await;

@@ -86,11 +86,11 @@ async fn render(s: PodState, headers: HeaderMap, body: Body, api: Api) -> Respon
     let ids = match api {
         Api::Chat => parse_body::<ChatCompletionRequest>(&bytes).and_then(|r| {
             s.model_ok(&r.common.model)?;
-            r.prompt_ids(&s.0.tokenizer)
+            r.prompt_ids(&*s.0.tokenizer)
         }),
         Api::Completion => parse_body::<CompletionRequest>(&bytes).and_then(|r| {
             s.model_ok(&r.common.model)?;
-            r.prompt_ids(&s.0.tokenizer)
+            r.prompt_ids(&*s.0.tokenizer)
         }),
     };
     match ids {
@@ -139,7 +139,7 @@ fn prepare(
     if let Some(status) = forced_error(headers) {
         return Err(error_for_status(status));
     }
-    let tok = &s.0.tokenizer;
+    let tok = &*s.0.tokenizer;
     let max_len = s.0.cfg.max_model_len;
     let (model, prompt, params, echo) = match api {
         Api::Chat => {
@@ -427,7 +427,7 @@ fn rejected(msg: String) -> ApiError {
 
 /// Non-streaming: wait for the whole answer.
 async fn full(s: PodState, p: Prepared, mut h: RequestHandle) -> Response {
-    let tok = &s.0.tokenizer;
+    let tok = &*s.0.tokenizer;
     let mut scan = StopScanner::new(p.params.stop.clone());
     let mut n = 0u32;
     loop {
@@ -643,7 +643,7 @@ async fn stream_task(
     tx: mpsc::Sender<Result<Bytes, io::Error>>,
 ) {
     let sse = Sse { s: &s, p: &p };
-    let tok = &s.0.tokenizer;
+    let tok = &*s.0.tokenizer;
     let mut scan = StopScanner::new(p.params.stop.clone());
     let mut n = 0u32;
     let mut sent_role = false;

@@ -65,7 +65,8 @@ struct Inner {
     driver: Driver,
     metrics: Arc<Mutex<Metrics>>,
     faults: Faults,
-    tokenizer: ByteTokenizer,
+    /// Turns prompts into ids and generated ids into text; `ByteTokenizer` unless a tokenizer file was given.
+    tokenizer: Arc<dyn Tokenizer>,
     ready_at: Instant,
     created: u64,
     ids: Mutex<SmallRng>,
@@ -83,6 +84,17 @@ impl PodState {
         metrics: Arc<Mutex<Metrics>>,
         faults: Faults,
     ) -> Self {
+        Self::with_tokenizer(cfg, driver, metrics, faults, Arc::new(ByteTokenizer))
+    }
+
+    /// Like [`PodState::new`], tokenizing with `tokenizer` (e.g. an HF `tokenizer.json`).
+    pub fn with_tokenizer(
+        cfg: PodConfig,
+        driver: Driver,
+        metrics: Arc<Mutex<Metrics>>,
+        faults: Faults,
+        tokenizer: Arc<dyn Tokenizer>,
+    ) -> Self {
         let ready_at = Instant::now() + cfg.startup_delay;
         let ids = Mutex::new(SmallRng::seed_from_u64(cfg.seed ^ 0x1d5));
         PodState(Arc::new(Inner {
@@ -90,7 +102,7 @@ impl PodState {
             driver,
             metrics,
             faults,
-            tokenizer: ByteTokenizer,
+            tokenizer,
             ready_at,
             created: unix_now() as u64,
             ids,
@@ -289,7 +301,7 @@ async fn tokenize(State(s): State<PodState>, body: Body) -> Response {
                     common: Default::default(),
                     extra: Default::default(),
                 };
-                chat.prompt_ids(&s.0.tokenizer).map_err(Ok)?
+                chat.prompt_ids(&*s.0.tokenizer).map_err(Ok)?
             }
             _ => {
                 return Err(Ok(ApiError::bad_request(

@@ -103,6 +103,12 @@ pub struct SimArgs {
     /// Multiply step time (a slow pod).
     #[arg(long, default_value_t = 1.0)]
     pub slow_factor: f64,
+    /// Tokenize with this HF `tokenizer.json` instead of the byte tokenizer (needs the `hf` cargo feature).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// End-of-sequence token of `--tokenizer` (default: the first of <|eot_id|>, </s>, <|endoftext|> it has).
+    #[arg(long, value_name = "TOKEN", requires = "tokenizer")]
+    pub tokenizer_eos: Option<String>,
 }
 
 fn rate(name: &str, v: f64) -> anyhow::Result<f64> {
@@ -204,6 +210,14 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: SimArgs) -> anyhow::Result<()> {
+    // Parsed once, shared by every pod of a fleet.
+    let tokenizer = match &args.tokenizer {
+        Some(path) => sim::fleet::PodTokenizer(
+            policies::hf_tokenizer::load_tokenizer_file(path, args.tokenizer_eos.as_deref())
+                .context("--tokenizer")?,
+        ),
+        None => sim::fleet::PodTokenizer::default(),
+    };
     let mut pods = Vec::new();
     match &args.fleet {
         Some(spec) => {
@@ -231,7 +245,8 @@ async fn run_async(args: SimArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut endpoints = Vec::new();
     let mut tasks = Vec::new();
-    for o in pods {
+    for mut o in pods {
+        o.tokenizer = tokenizer.clone();
         let (ep, task) = start_pod(o, stop_rx.clone())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
