@@ -144,18 +144,21 @@ impl Pipeline {
 
     /// The pipeline for a baseline policy.
     pub fn baseline(policy: Policy) -> Self {
+        // Every baseline serves whole requests, so prefill-only pods are never candidates (a P/D pool routed by a
+        // baseline policy sends everything to its decode-capable pods).
+        let f = || -> Vec<Box<dyn Filter>> { vec![Box::new(scorers::DecodeCapable)] };
         match policy {
-            Policy::RoundRobin => Self::new(vec![], vec![], Picker::RoundRobin(AtomicU64::new(0))),
-            Policy::Random => Self::new(vec![], vec![], Picker::Random),
+            Policy::RoundRobin => Self::new(f(), vec![], Picker::RoundRobin(AtomicU64::new(0))),
+            Policy::Random => Self::new(f(), vec![], Picker::Random),
             Policy::LeastRequests => Self::new(
-                vec![],
+                f(),
                 vec![Weighted {
                     scorer: Box::new(scorers::LeastRequests),
                     weight: 1.0,
                 }],
                 Picker::MaxScore,
             ),
-            Policy::PowerOfTwo => Self::new(vec![], vec![], Picker::PowerOfTwo),
+            Policy::PowerOfTwo => Self::new(f(), vec![], Picker::PowerOfTwo),
         }
     }
 
@@ -332,6 +335,48 @@ mod tests {
             in_flight_tokens: 0,
             scraped: None,
         }
+    }
+
+    #[test]
+    fn baselines_never_send_whole_requests_to_prefill_pods() {
+        let mut eps: Vec<EndpointView> = (0..4).map(|i| ep(i, 0, true)).collect();
+        eps[0].role = Role::Prefill;
+        eps[2].role = Role::Prefill;
+        eps[3].role = Role::Decode;
+        let req = RequestView {
+            prompt_tokens: 10,
+            max_tokens: Some(4),
+        };
+        let mut rng = Seeded(7);
+        for policy in [
+            Policy::RoundRobin,
+            Policy::Random,
+            Policy::LeastRequests,
+            Policy::PowerOfTwo,
+        ] {
+            let p = Pipeline::baseline(policy);
+            for _ in 0..50 {
+                let c = p
+                    .select(&req, &eps, now(), &mut rng)
+                    .expect("a decode-capable pod exists");
+                assert!(
+                    c.index == 1 || c.index == 3,
+                    "{policy:?} picked prefill pod {}",
+                    c.index
+                );
+            }
+        }
+        let only_prefill = vec![EndpointView {
+            role: Role::Prefill,
+            ..ep(0, 0, true)
+        }];
+        let p = Pipeline::baseline(Policy::RoundRobin);
+        assert_eq!(
+            p.select(&req, &only_prefill, now(), &mut rng).err(),
+            Some(NoEligibleEndpoint::Filtered {
+                by: "decode-capable"
+            })
+        );
     }
 
     fn now() -> Instant {
