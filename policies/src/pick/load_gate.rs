@@ -17,9 +17,18 @@
 //! following requests choose between the replicas by load. With an idle fleet every backlog is 0 and the hit holder
 //! has the lowest `ttft_s`, so affinity is kept.
 //!
+//! The cost test alone over-fires under steady load: the router's in-flight tokens count every request until it
+//! *finishes*, so most of them are requests already decoding (their prefill long done) plus their expected output
+//! tokens, none of which delays a new prefill. One extra in-flight miss (~7k tokens) then reads as ~0.45 s of backlog
+//! and drops the hit, so a balanced fleet scatters every shared prefix over all pods and the caches thrash (weir
+//! issue 6: 0.52 hit rate against the peers' 0.83). A hit is therefore dropped only when its holder is *also*
+//! imbalanced in the peers' sense (routing-and-scheduling.md §8): its outstanding requests exceed the least-loaded
+//! candidate's by more than 4 and by more than 1.5 times.
+//!
 //! Defaults: `prefill_tokens_per_s` 15,928 (llm-d's token-aware estimate), `queued_request_s` 10 ms (about one engine
-//! step per queued request), `margin_s` 0.1 s (llm-d's unstick threshold is 18 s, which lets queues grow far longer).
-//! Pure and deterministic: no clock, no randomness.
+//! step per queued request), `margin_s` 0.1 s (llm-d's unstick threshold is 18 s, which lets queues grow far longer),
+//! imbalance 4 requests and 1.5x (sglang/vllm-router use 64 and 1.5, which lets a burst queue 64 deep on one pod; under
+//! steady load the 1.5x ratio is the binding test, in a burst onto an idle fleet the absolute one). Pure and deterministic: no clock, no randomness.
 
 use super::RequestView;
 use super::prefix::RequestFacts;
@@ -88,6 +97,12 @@ pub struct GateOutcome {
 }
 
 impl LoadGate {
+    /// Outstanding requests by which a holder must exceed the least-loaded candidate before its hit may be dropped:
+    /// in-flight tokens mostly belong to decoding requests, so the cost test alone fires on noise.
+    pub const IMBALANCE_ABS: u64 = 4;
+    /// Ratio by which a holder's outstanding requests must exceed the least-loaded candidate's (same reason).
+    pub const IMBALANCE_REL: f64 = 1.5;
+
     /// The prompt length the cost model uses: the router's estimate, but never less than the hashed full blocks.
     pub fn prompt_tokens(req: &RequestView, facts: &RequestFacts) -> u32 {
         req.prompt_tokens
@@ -95,7 +110,8 @@ impl LoadGate {
     }
 
     /// Zeroes the prefix match of every hit holder whose predicted TTFT is more than `margin_s` worse than the best
-    /// available candidate's. Unavailable endpoints are ignored.
+    /// available candidate's and whose outstanding requests are imbalanced against the least-loaded available
+    /// candidate's ([`Self::IMBALANCE_ABS`], [`Self::IMBALANCE_REL`]). Unavailable endpoints are ignored.
     pub fn apply(
         &self,
         req: &RequestView,
@@ -119,9 +135,25 @@ impl LoadGate {
         if !best.is_finite() {
             return out;
         }
+        let least = eps
+            .iter()
+            .filter(|e| e.available)
+            .map(EndpointView::outstanding)
+            .min()
+            .unwrap_or(0);
+        let imbalanced = |e: &EndpointView| {
+            let load = e.outstanding();
+            load.saturating_sub(least) > Self::IMBALANCE_ABS
+                && load as f64 > Self::IMBALANCE_REL * least as f64
+        };
         let over: Vec<usize> = eps
             .iter()
-            .filter(|e| e.available && facts.matched(e.index) > 0 && ttft(e) > best + self.margin_s)
+            .filter(|e| {
+                e.available
+                    && facts.matched(e.index) > 0
+                    && ttft(e) > best + self.margin_s
+                    && imbalanced(e)
+            })
             .map(|e| e.index)
             .collect();
         for i in over {
@@ -139,12 +171,13 @@ mod tests {
     use super::*;
     use crate::endpoint::Role;
 
+    /// An endpoint with `in_flight_tokens` spread over requests of ~1,000 tokens each (at least one when non-zero).
     fn ep(index: usize, in_flight_tokens: u64) -> EndpointView {
         EndpointView {
             index,
             role: Role::Both,
             available: true,
-            in_flight: 0,
+            in_flight: in_flight_tokens.div_ceil(1000) as u32,
             in_flight_tokens,
             scraped: None,
         }
@@ -186,5 +219,39 @@ mod tests {
         let mut f = facts(vec![256, 0]);
         let g = LoadGate::default().apply(&req, &[ep(0, 4_500), ep(1, 0)], &mut f);
         assert!(g.gated.is_empty());
+    }
+
+    /// weir issue 6: a balanced fleet under steady load, where most in-flight tokens belong to decoding requests.
+    /// The holder has two more requests in flight than the least-loaded pod (two ~7.4k-token misses' worth of
+    /// tokens), which the cost test reads as ~0.9 s of backlog against a 0.4 s saving; the hit must still be kept.
+    #[test]
+    fn decode_phase_in_flight_tokens_do_not_gate_a_balanced_holder() {
+        let req = RequestView {
+            prompt_tokens: 7_200,
+            max_tokens: Some(200),
+        };
+        let mut f = RequestFacts {
+            matched: vec![375, 0, 0],
+            total_blocks: 450,
+            block_size: 16,
+            session_pod: None,
+        };
+        let busy = |index: usize, in_flight: u32, in_flight_tokens: u64| EndpointView {
+            in_flight,
+            in_flight_tokens,
+            ..ep(index, 0)
+        };
+        let eps = [
+            busy(0, 36, 36 * 1_400 + 2 * 7_400),
+            busy(1, 34, 34 * 1_400),
+            busy(2, 35, 35 * 1_400),
+        ];
+        let g = LoadGate::default().apply(&req, &eps, &mut f);
+        assert!(g.gated.is_empty(), "balanced holder lost its hit: {g:?}");
+        assert_eq!(f.matched[0], 375);
+        // The same holder far out of balance (80 vs 34 in flight) is gated.
+        let eps = [busy(0, 80, 80 * 1_400), eps[1], eps[2]];
+        let g = LoadGate::default().apply(&req, &eps, &mut f);
+        assert_eq!(g.gated, vec![(0, 375)]);
     }
 }
