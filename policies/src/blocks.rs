@@ -4,12 +4,13 @@
 //! - [`VllmBlockHasher`]: vLLM's `sha256_cbor` (`sha256(cbor_canonical((parent, tuple(token_ids), extra_keys)))`,
 //!   parent of block 0 = `NONE_HASH = sha256_cbor(PYTHONHASHSEED)`). The simulator uses it so its KV events carry the
 //!   same hashes a vLLM pod with the same seed would publish. KV events carry the low 64 bits ([`low64`]).
-//! - [`PrefixHasher`]: weir's own chained xxh64 over little-endian `u32` ids, seeded by model and `cache_salt`. The
+//! - [`PrefixHasher`]: weir's own chained xxh3-64 over little-endian `u32` ids, seeded by model and `cache_salt`. The
 //!   router keys its prefix index with it, so the index never depends on an engine's hash seed or algorithm.
 //!
 //! Only full blocks are hashed; a trailing partial block has no identity.
 
 use sha2::{Digest, Sha256};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 use xxhash_rust::xxh64::xxh64;
 
 /// vLLM's KV block size in tokens.
@@ -124,7 +125,8 @@ impl PrefixHasher {
         self.block_size
     }
 
-    /// Chained hash of one block: `xxh64(le_u32 ids, seed = parent or model seed)`.
+    /// Chained hash of one block: `xxh3_64(le_u32 ids, seed = parent or model seed)` (xxh3: about twice xxh64's speed
+    /// on 64-byte inputs, and this runs once per block of every routed prompt).
     pub fn hash_block(&self, parent: Option<u64>, tokens: &[u32]) -> u64 {
         let mut buf = [0u8; 4 * 64];
         let seed = parent.unwrap_or(self.seed);
@@ -132,10 +134,10 @@ impl PrefixHasher {
             for (i, t) in tokens.iter().enumerate() {
                 buf[i * 4..i * 4 + 4].copy_from_slice(&t.to_le_bytes());
             }
-            xxh64(&buf[..tokens.len() * 4], seed)
+            xxh3_64_with_seed(&buf[..tokens.len() * 4], seed)
         } else {
             let v: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-            xxh64(&v, seed)
+            xxh3_64_with_seed(&v, seed)
         }
     }
 
