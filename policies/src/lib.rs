@@ -14,4 +14,6 @@ pub mod kv_events;
 pub mod openai;
 pub mod pick;
 pub mod prefix;
+#[cfg(test)]
+mod testkit;
 pub mod tokens;

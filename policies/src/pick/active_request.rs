@@ -45,8 +45,7 @@ mod tests {
             in_flight_tokens: 0,
             scraped: None,
         };
-        #[allow(clippy::disallowed_methods)]
-        let now = Instant::now();
+        let now = crate::testkit::now();
         let mut out = [0.0; 3];
         ActiveRequest.score(
             &RequestView::default(),

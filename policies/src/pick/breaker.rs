@@ -180,6 +180,7 @@ impl CircuitBreaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::now as t0;
     use proptest::prelude::*;
 
     fn cfg() -> BreakerConfig {
@@ -188,11 +189,6 @@ mod tests {
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(5),
         }
-    }
-
-    #[allow(clippy::disallowed_methods)]
-    fn t0() -> Instant {
-        Instant::now()
     }
 
     #[test]

@@ -305,26 +305,8 @@ fn weighted_random(totals: &[f64], rng: &mut dyn RngCore) -> usize {
 mod tests {
     use super::*;
     use crate::endpoint::{Role, ScrapedLoad};
+    use crate::testkit::{Seeded, now};
     use proptest::prelude::*;
-    use rand_core::RngCore;
-
-    /// splitmix64: a tiny seeded RNG so tests need no extra crate.
-    struct Seeded(u64);
-    impl RngCore for Seeded {
-        fn next_u32(&mut self) -> u32 {
-            (self.next_u64() >> 32) as u32
-        }
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn fill_bytes(&mut self, dst: &mut [u8]) {
-            rand_core::impls::fill_bytes_via_next(self, dst)
-        }
-    }
 
     fn ep(index: usize, in_flight: u32, available: bool) -> EndpointView {
         EndpointView {
@@ -377,12 +359,6 @@ mod tests {
                 by: "decode-capable"
             })
         );
-    }
-
-    fn now() -> Instant {
-        // Tests only need a fixed instant; no scorer here reads it.
-        #[allow(clippy::disallowed_methods)]
-        Instant::now()
     }
 
     #[test]

@@ -250,22 +250,7 @@ impl PdRouter {
 mod tests {
     use super::*;
     use crate::endpoint::{Role, ScrapedLoad};
-
-    struct Seeded(u64);
-    impl RngCore for Seeded {
-        fn next_u32(&mut self) -> u32 {
-            (self.next_u64() >> 32) as u32
-        }
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z ^ (z >> 31)
-        }
-        fn fill_bytes(&mut self, dst: &mut [u8]) {
-            rand_core::impls::fill_bytes_via_next(self, dst)
-        }
-    }
+    use crate::testkit::{Seeded, now};
 
     fn ep(index: usize, role: Role, in_flight_tokens: u64) -> EndpointView {
         EndpointView {
@@ -281,11 +266,6 @@ mod tests {
                 age_ms: 5,
             }),
         }
-    }
-
-    #[allow(clippy::disallowed_methods)]
-    fn now() -> Instant {
-        Instant::now()
     }
 
     fn facts(matched: Vec<u32>, blocks: u32) -> RequestFacts {

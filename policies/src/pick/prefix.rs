@@ -94,8 +94,7 @@ mod tests {
         };
         let s = PrefixCache::new(facts.matched.clone(), facts.total_blocks);
         let mut out = [9.0; 4];
-        #[allow(clippy::disallowed_methods)]
-        let now = Instant::now();
+        let now = crate::testkit::now();
         s.score(
             &RequestView::default(),
             &[ep(2), ep(1), ep(0), ep(7)],

@@ -303,24 +303,7 @@ mod tests {
     use crate::blocks::PrefixHasher;
     use crate::endpoint::ScrapedLoad;
     use crate::prefix::{ApproxIndex, PodSlot, PrefixMatches};
-
-    /// splitmix64, so tests need no RNG crate.
-    struct Seeded(u64);
-    impl RngCore for Seeded {
-        fn next_u32(&mut self) -> u32 {
-            (self.next_u64() >> 32) as u32
-        }
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn fill_bytes(&mut self, dst: &mut [u8]) {
-            rand_core::impls::fill_bytes_via_next(self, dst)
-        }
-    }
+    use crate::testkit::{Seeded, now};
 
     fn pool(n: usize) -> Vec<EndpointView> {
         (0..n)
@@ -338,11 +321,6 @@ mod tests {
                 }),
             })
             .collect()
-    }
-
-    #[allow(clippy::disallowed_methods)]
-    fn now() -> Instant {
-        Instant::now()
     }
 
     /// Routes `n` requests sharing a 4,000-token prefix through `profile` with an approximate index. `busy` keeps

@@ -157,6 +157,7 @@ pub fn scorer_by_name(name: &str) -> Option<Box<dyn Scorer>> {
 mod tests {
     use super::*;
     use crate::endpoint::{Role, ScrapedLoad};
+    use crate::testkit::now;
 
     fn ep(waiting: Option<u32>, kv: f64) -> EndpointView {
         EndpointView {
@@ -172,11 +173,6 @@ mod tests {
                 age_ms: 0,
             }),
         }
-    }
-
-    #[allow(clippy::disallowed_methods)]
-    fn now() -> Instant {
-        Instant::now()
     }
 
     #[test]

@@ -148,11 +148,7 @@ impl Default for SessionTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[allow(clippy::disallowed_methods)]
-    fn t0() -> Instant {
-        Instant::now()
-    }
+    use crate::testkit::now as t0;
 
     #[test]
     fn sessions_expire_after_idle_ttl_and_refresh_on_use() {

@@ -419,6 +419,7 @@ impl Default for PreciseIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::now as t0;
 
     fn id(i: usize) -> EndpointId {
         EndpointId::new(format!("pod-{i}"))
@@ -435,11 +436,6 @@ mod tests {
             lora_name: None,
             group_idx: None,
         }
-    }
-
-    fn t0() -> Instant {
-        #[allow(clippy::disallowed_methods)]
-        Instant::now()
     }
 
     #[test]
