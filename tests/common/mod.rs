@@ -145,7 +145,11 @@ impl Weir {
             Err(RecvTimeoutError::Timeout) => {
                 w.fail(&format!("printed no stdout line within {START_TIMEOUT:?}"))
             }
-            Err(RecvTimeoutError::Disconnected) => w.fail("exited before printing a stdout line"),
+            Err(RecvTimeoutError::Disconnected) => {
+                // stdout closed; let the stderr reader reach end of file too, so the message shows why.
+                let _ = w.eof.recv_timeout(Duration::from_secs(5));
+                w.fail("exited before printing a stdout line")
+            }
         };
         w.first = serde_json::from_str(&line)
             .unwrap_or_else(|e| w.fail(&format!("first stdout line is not JSON ({e}): {line:?}")));
