@@ -164,10 +164,12 @@ pub struct RawPool {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum RawPolicy {
-    RoundRobin,
-    Random,
-    LeastRequests,
-    PowerOfTwo,
+    // Empty struct variants, not unit variants: serde ignores extra keys next to the tag of an internally tagged
+    // unit variant, so `{kind: round-robin, weights: ..}` would be accepted silently.
+    RoundRobin {},
+    Random {},
+    LeastRequests {},
+    PowerOfTwo {},
     /// A custom filter -> score -> pick pipeline.
     Pipeline {
         #[serde(default)]
@@ -178,35 +180,31 @@ pub enum RawPolicy {
         picker: Option<String>,
     },
     /// Cache-aware scoring over an approximate prefix index built from routing history.
-    CacheAware {
-        #[serde(default)]
-        weights: Option<RawWeights>,
-        #[serde(default)]
-        load_gate: Option<RawGate>,
-        #[serde(default)]
-        session_affinity: Option<bool>,
-        #[serde(default)]
-        pd: Option<RawPd>,
-        #[serde(default)]
-        tokenizer: Option<RawTokenizer>,
-        #[serde(default)]
-        block_size: Option<u32>,
-    },
+    CacheAware(RawCacheAware),
     /// Cache-aware scoring over the precise index fed by the pods' KV events.
-    PrecisePrefix {
-        #[serde(default)]
-        weights: Option<RawWeights>,
-        #[serde(default)]
-        load_gate: Option<RawGate>,
-        #[serde(default)]
-        session_affinity: Option<bool>,
-        #[serde(default)]
-        pd: Option<RawPd>,
-        #[serde(default)]
-        tokenizer: Option<RawTokenizer>,
-        #[serde(default)]
-        block_size: Option<u32>,
-    },
+    PrecisePrefix(RawCacheAware),
+}
+
+/// Settings shared by the `cache-aware` and `precise-prefix` policies (they differ only in the index they read).
+///
+/// A newtype variant of the internally tagged [`RawPolicy`] rather than `#[serde(flatten)]`: serde removes the
+/// `kind` tag before deserializing the variant's content, so `deny_unknown_fields` here still rejects a misspelt key
+/// and names it, which it cannot do through `flatten`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheAware {
+    #[serde(default)]
+    pub weights: Option<RawWeights>,
+    #[serde(default)]
+    pub load_gate: Option<RawGate>,
+    #[serde(default)]
+    pub session_affinity: Option<bool>,
+    #[serde(default)]
+    pub pd: Option<RawPd>,
+    #[serde(default)]
+    pub tokenizer: Option<RawTokenizer>,
+    #[serde(default)]
+    pub block_size: Option<u32>,
 }
 
 /// Scorer weights of a cache-aware policy (defaults: llm-d's chart, queue 2, kv 2, prefix 3).
@@ -687,17 +685,75 @@ fn weight(field: &str, v: Option<f64>, default: f64) -> Result<f64, Error> {
     Ok(w)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Validates a pool's `policy:` (`f` is its field path, `pools[i].policy`); none means round-robin.
+fn validate_policy(f: &str, policy: Option<RawPolicy>) -> Result<PolicyConfig, Error> {
+    Ok(match policy {
+        None => PolicyConfig::default(),
+        Some(RawPolicy::RoundRobin {}) => PolicyConfig::Baseline(Policy::RoundRobin),
+        Some(RawPolicy::Random {}) => PolicyConfig::Baseline(Policy::Random),
+        Some(RawPolicy::LeastRequests {}) => PolicyConfig::Baseline(Policy::LeastRequests),
+        Some(RawPolicy::PowerOfTwo {}) => PolicyConfig::Baseline(Policy::PowerOfTwo),
+        Some(RawPolicy::Pipeline {
+            filters,
+            scorers: ss,
+            picker,
+        }) => {
+            for fl in &filters {
+                if scorers::filter_by_name(fl).is_none() {
+                    return Err(invalid(
+                        format!("{f}.filters"),
+                        format!("unknown filter `{fl}`"),
+                    ));
+                }
+            }
+            let mut out = Vec::new();
+            for s in ss {
+                if scorers::scorer_by_name(&s.name).is_none() {
+                    return Err(invalid(
+                        format!("{f}.scorers"),
+                        format!("unknown scorer `{}`", s.name),
+                    ));
+                }
+                if !s.weight.is_finite() || s.weight < 0.0 {
+                    return Err(invalid(format!("{f}.scorers"), "weight must be >= 0"));
+                }
+                out.push((s.name, s.weight));
+            }
+            let picker = picker.unwrap_or_else(|| "max-score".to_string());
+            if picker_by_name(&picker).is_none() {
+                return Err(invalid(
+                    format!("{f}.picker"),
+                    format!("unknown picker `{picker}`"),
+                ));
+            }
+            PolicyConfig::Pipeline {
+                filters,
+                scorers: out,
+                picker,
+            }
+        }
+        Some(RawPolicy::CacheAware(c)) => {
+            PolicyConfig::CacheAware(validate_cache_aware(f, IndexKind::Approximate, c)?)
+        }
+        Some(RawPolicy::PrecisePrefix(c)) => {
+            PolicyConfig::CacheAware(validate_cache_aware(f, IndexKind::Precise, c)?)
+        }
+    })
+}
+
 fn validate_cache_aware(
     f: &str,
     index: IndexKind,
-    weights: Option<RawWeights>,
-    load_gate: Option<RawGate>,
-    session_affinity: Option<bool>,
-    pd: Option<RawPd>,
-    tokenizer: Option<RawTokenizer>,
-    block_size: Option<u32>,
+    raw: RawCacheAware,
 ) -> Result<CacheAwareConfig, Error> {
+    let RawCacheAware {
+        weights,
+        load_gate,
+        session_affinity,
+        pd,
+        tokenizer,
+        block_size,
+    } = raw;
     let d = Weights::llm_d();
     let w = weights.unwrap_or_default();
     let session_affinity = session_affinity.unwrap_or(false);
@@ -902,89 +958,7 @@ impl RawConfig {
             for (j, e) in p.endpoints.iter().enumerate() {
                 endpoints.push(validate_endpoint(&format!("{f}.endpoints[{j}]"), e)?);
             }
-            let policy = match p.policy {
-                None => PolicyConfig::default(),
-                Some(RawPolicy::RoundRobin) => PolicyConfig::Baseline(Policy::RoundRobin),
-                Some(RawPolicy::Random) => PolicyConfig::Baseline(Policy::Random),
-                Some(RawPolicy::LeastRequests) => PolicyConfig::Baseline(Policy::LeastRequests),
-                Some(RawPolicy::PowerOfTwo) => PolicyConfig::Baseline(Policy::PowerOfTwo),
-                Some(RawPolicy::Pipeline {
-                    filters,
-                    scorers: ss,
-                    picker,
-                }) => {
-                    for fl in &filters {
-                        if scorers::filter_by_name(fl).is_none() {
-                            return Err(invalid(
-                                format!("{f}.policy.filters"),
-                                format!("unknown filter `{fl}`"),
-                            ));
-                        }
-                    }
-                    let mut out = Vec::new();
-                    for s in ss {
-                        if scorers::scorer_by_name(&s.name).is_none() {
-                            return Err(invalid(
-                                format!("{f}.policy.scorers"),
-                                format!("unknown scorer `{}`", s.name),
-                            ));
-                        }
-                        if !s.weight.is_finite() || s.weight < 0.0 {
-                            return Err(invalid(
-                                format!("{f}.policy.scorers"),
-                                "weight must be >= 0",
-                            ));
-                        }
-                        out.push((s.name, s.weight));
-                    }
-                    let picker = picker.unwrap_or_else(|| "max-score".to_string());
-                    if picker_by_name(&picker).is_none() {
-                        return Err(invalid(
-                            format!("{f}.policy.picker"),
-                            format!("unknown picker `{picker}`"),
-                        ));
-                    }
-                    PolicyConfig::Pipeline {
-                        filters,
-                        scorers: out,
-                        picker,
-                    }
-                }
-                Some(RawPolicy::CacheAware {
-                    weights,
-                    load_gate,
-                    session_affinity,
-                    pd,
-                    tokenizer,
-                    block_size,
-                }) => PolicyConfig::CacheAware(validate_cache_aware(
-                    &format!("{f}.policy"),
-                    IndexKind::Approximate,
-                    weights,
-                    load_gate,
-                    session_affinity,
-                    pd,
-                    tokenizer,
-                    block_size,
-                )?),
-                Some(RawPolicy::PrecisePrefix {
-                    weights,
-                    load_gate,
-                    session_affinity,
-                    pd,
-                    tokenizer,
-                    block_size,
-                }) => PolicyConfig::CacheAware(validate_cache_aware(
-                    &format!("{f}.policy"),
-                    IndexKind::Precise,
-                    weights,
-                    load_gate,
-                    session_affinity,
-                    pd,
-                    tokenizer,
-                    block_size,
-                )?),
-            };
+            let policy = validate_policy(&format!("{f}.policy"), p.policy)?;
             pools.push(PoolConfig {
                 model: p.model.unwrap_or_else(|| p.name.clone()),
                 name: p.name,
@@ -1162,6 +1136,54 @@ scrape: {interval: 50ms}
     fn unknown_fields_are_rejected_with_the_field_name() {
         let e = RawConfig::from_yaml("pools: [{name: a, endpoint: [x]}]").unwrap_err();
         assert!(e.to_string().contains("endpoint"), "{e}");
+    }
+
+    #[test]
+    fn cache_aware_kinds_share_their_settings_and_reject_unknown_keys() {
+        for (kind, index) in [
+            ("cache-aware", IndexKind::Approximate),
+            ("precise-prefix", IndexKind::Precise),
+        ] {
+            let c = RawConfig::from_yaml(&format!(
+                "pools: [{{name: a, endpoints: [http://127.0.0.1:1], policy: {{kind: {kind}, \
+                 weights: {{prefix: 5}}, load_gate: off, session_affinity: true, pd: {{non_cached_tokens: 0}}, \
+                 block_size: 32}}}}]"
+            ))
+            .unwrap()
+            .validate()
+            .unwrap();
+            let PolicyConfig::CacheAware(ca) = &c.pools[0].policy else {
+                panic!("{kind}: {:?}", c.pools[0].policy);
+            };
+            assert_eq!(ca.index, index, "{kind}");
+            assert_eq!(ca.weights.prefix, 5.0, "{kind}");
+            assert_eq!(
+                ca.weights.session, 1.0,
+                "{kind}: session_affinity sets weight 1"
+            );
+            assert_eq!(ca.gate, None, "{kind}");
+            assert!(ca.session_affinity, "{kind}");
+            assert_eq!(ca.pd.non_cached_tokens, 0, "{kind}");
+            assert_eq!(ca.block_size, 32, "{kind}");
+
+            let e = RawConfig::from_yaml(&format!(
+                "pools: [{{name: a, policy: {{kind: {kind}, sesion_affinity: true}}}}]"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("unknown field `sesion_affinity`"), "{kind}: {e}");
+            let e = RawConfig::from_yaml(&format!(
+                "pools: [{{name: a, policy: {{kind: {kind}, pd: {{ttft: 1s}}}}}}]"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("unknown field `ttft`"), "{kind}: {e}");
+        }
+        let e =
+            RawConfig::from_yaml("pools: [{name: a, policy: {kind: round-robin, weights: {}}}]")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("weights"), "{e}");
     }
 
     #[test]

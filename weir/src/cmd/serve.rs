@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use router::config::{RawConfig, RawPolicy};
+use router::config::{RawCacheAware, RawConfig, RawPolicy};
 use router::discovery::Discovery;
 
 #[derive(Args, Debug)]
@@ -91,26 +91,12 @@ pub struct ServeArgs {
 
 pub(crate) fn raw_policy(name: &str) -> anyhow::Result<RawPolicy> {
     Ok(match name {
-        "round-robin" => RawPolicy::RoundRobin,
-        "random" => RawPolicy::Random,
-        "least-requests" => RawPolicy::LeastRequests,
-        "power-of-two" => RawPolicy::PowerOfTwo,
-        "cache-aware" => RawPolicy::CacheAware {
-            weights: None,
-            load_gate: None,
-            session_affinity: None,
-            pd: None,
-            tokenizer: None,
-            block_size: None,
-        },
-        "precise-prefix" => RawPolicy::PrecisePrefix {
-            weights: None,
-            load_gate: None,
-            session_affinity: None,
-            pd: None,
-            tokenizer: None,
-            block_size: None,
-        },
+        "round-robin" => RawPolicy::RoundRobin {},
+        "random" => RawPolicy::Random {},
+        "least-requests" => RawPolicy::LeastRequests {},
+        "power-of-two" => RawPolicy::PowerOfTwo {},
+        "cache-aware" => RawPolicy::CacheAware(RawCacheAware::default()),
+        "precise-prefix" => RawPolicy::PrecisePrefix(RawCacheAware::default()),
         other => anyhow::bail!(
             "unknown --policy `{other}` (round-robin, random, least-requests, power-of-two, cache-aware, \
              precise-prefix)"
