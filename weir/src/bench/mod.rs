@@ -128,7 +128,18 @@ impl Run {
 /// Run the plan to completion and build the report.
 pub async fn run(plan: Plan) -> Report {
     let scrape_client = client::http_client(Duration::from_secs(2));
-    let before = scrape_all(&scrape_client, &plan.scrape).await;
+    // Server counters and histograms cover the measured window: the "before" scrape is taken when the warm-up ends
+    // (right away without a warm-up), concurrently with the load.
+    let before = if plan.warmup.is_zero() {
+        let b = scrape_all(&scrape_client, &plan.scrape).await;
+        tokio::spawn(async move { b })
+    } else {
+        let (client, urls, warmup) = (scrape_client.clone(), plan.scrape.clone(), plan.warmup);
+        tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            scrape_all(&client, &urls).await
+        })
+    };
 
     let rng = SmallRng::seed_from_u64(plan.seed);
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -206,7 +217,11 @@ pub async fn run(plan: Plan) -> Report {
         .min((end - t0).as_secs_f64());
 
     let after = scrape_all(&scrape_client, &plan.scrape).await;
+    let before = before
+        .await
+        .unwrap_or_else(|_| vec![None; plan.scrape.len()]);
     let server = server_histograms(&before, &after);
+    let prefix_cache = server_prefix_cache(&before, &after);
     report::build(
         &records,
         warmup_s,
@@ -214,7 +229,36 @@ pub async fn run(plan: Plan) -> Report {
         plan.slo,
         plan.config_echo,
         server,
+        prefix_cache,
     )
+}
+
+/// vLLM's prefix-cache counters over the window, summed over targets that answered both scrapes.
+fn server_prefix_cache(
+    before: &[Option<String>],
+    after: &[Option<String>],
+) -> Option<report::ServerPrefixCache> {
+    const HITS: &str = "vllm:prefix_cache_hits_total";
+    const QUERIES: &str = "vllm:prefix_cache_queries_total";
+    let (mut hits, mut queries, mut seen) = (0.0, 0.0, false);
+    for (b, a) in before.iter().zip(after) {
+        let (Some(b), Some(a)) = (b.as_deref(), a.as_deref()) else {
+            continue;
+        };
+        let get = |t, n| prom::counter(t, n);
+        if let (Some(hb), Some(ha), Some(qb), Some(qa)) =
+            (get(b, HITS), get(a, HITS), get(b, QUERIES), get(a, QUERIES))
+        {
+            hits += (ha - hb).max(0.0);
+            queries += (qa - qb).max(0.0);
+            seen = true;
+        }
+    }
+    (seen && queries > 0.0).then(|| report::ServerPrefixCache {
+        hits,
+        queries,
+        hit_rate: hits / queries,
+    })
 }
 
 /// When to stop issuing.

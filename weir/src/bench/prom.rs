@@ -122,6 +122,30 @@ impl Histogram {
     }
 }
 
+/// Sum over every label set of a counter or gauge `name` (exact name, with or without labels); `None` if absent.
+pub fn counter(text: &str, name: &str) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let value = if rest.starts_with('{') {
+            rest.find('}').map(|e| &rest[e + 1..])
+        } else if rest.starts_with(' ') {
+            Some(rest)
+        } else {
+            None // a longer name that starts with this one
+        };
+        if let Some(v) = value
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            *total.get_or_insert(0.0) += v;
+        }
+    }
+    total
+}
+
 /// Value of label `key` in a `k="v",k2="v2"` list (no escapes inside values needed for `le`).
 fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
     let mut rest = labels;
@@ -189,5 +213,17 @@ weir_sim_token_lateness_seconds_bucket{model_name="other",le="+Inf"} 0
         assert_eq!(label(r#"a="1",le="0.5""#, "le"), Some("0.5"));
         assert_eq!(label(r#"le="+Inf""#, "le"), Some("+Inf"));
         assert_eq!(label(r#"a="x""#, "le"), None);
+    }
+
+    #[test]
+    fn counters_sum_over_label_sets_and_ignore_longer_names() {
+        let text = "# HELP vllm:prefix_cache_hits_total x\n\
+vllm:prefix_cache_hits_total{model_name=\"a\"} 10\n\
+vllm:prefix_cache_hits_total{model_name=\"b\"} 5.5\n\
+vllm:prefix_cache_hits_total_extra 100\n\
+vllm:prefix_cache_queries_total 20\n";
+        assert_eq!(counter(text, "vllm:prefix_cache_hits_total"), Some(15.5));
+        assert_eq!(counter(text, "vllm:prefix_cache_queries_total"), Some(20.0));
+        assert_eq!(counter(text, "vllm:num_requests_running"), None);
     }
 }

@@ -103,6 +103,18 @@ pub struct ServerHistogram {
     pub p99_ms: f64,
 }
 
+/// Prefix-cache counters (`vllm:prefix_cache_{hits,queries}_total`) summed over the scraped targets, from the end of
+/// the warm-up to the end of the run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ServerPrefixCache {
+    /// Prompt tokens served from the prefix cache.
+    pub hits: f64,
+    /// Prompt tokens looked up.
+    pub queries: f64,
+    /// `hits / queries`.
+    pub hit_rate: f64,
+}
+
 /// The whole report, as written to `--json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -130,6 +142,8 @@ pub struct Report {
     pub goodput: Option<Goodput>,
     /// Server-side histograms scraped before and after the run.
     pub server: Vec<ServerHistogram>,
+    /// Server-side prefix-cache hit rate over the measured window, when the scraped targets are vLLM-like.
+    pub server_prefix_cache: Option<ServerPrefixCache>,
 }
 
 /// Build the report from every record of the run.
@@ -140,6 +154,7 @@ pub fn build(
     slo: Slo,
     config: serde_json::Value,
     server: Vec<ServerHistogram>,
+    server_prefix_cache: Option<ServerPrefixCache>,
 ) -> Report {
     let measured: Vec<&RequestRecord> = records.iter().filter(|r| r.start >= warmup_s).collect();
     let warmup_requests = (records.len() - measured.len()) as u64;
@@ -205,6 +220,7 @@ pub fn build(
         e2e_ms: Summary::of_seconds(&mut e2e),
         goodput,
         server,
+        server_prefix_cache,
     }
 }
 
@@ -261,6 +277,13 @@ pub fn table(r: &Report) -> String {
             s,
             "{:<10}{:>9}{:>10.2}{:>10.2}{:>10.2}{:>10.2}{:>10.2}{:>10.2}",
             name, m.count, m.mean, m.p50, m.p90, m.p95, m.p99, m.max
+        );
+    }
+    if let Some(p) = &r.server_prefix_cache {
+        let _ = writeln!(
+            s,
+            "\nserver prefix cache: hit rate {:.3} ({:.0} of {:.0} prompt tokens)",
+            p.hit_rate, p.hits, p.queries
         );
     }
     for h in &r.server {
@@ -325,7 +348,7 @@ mod tests {
             ttft_ms: Some(200.0),
             itl_ms: Some(25.0),
         };
-        let r = build(&recs, 1.0, 2.0, slo, serde_json::json!({}), vec![]);
+        let r = build(&recs, 1.0, 2.0, slo, serde_json::json!({}), vec![], None);
         assert_eq!(
             (r.requests, r.successful, r.failed, r.warmup_requests),
             (6, 3, 3, 1)
@@ -358,6 +381,7 @@ mod tests {
             Slo::default(),
             serde_json::json!(null),
             vec![],
+            None,
         );
         assert!(r.goodput.is_none());
         assert_eq!(r.request_throughput, 0.0);
