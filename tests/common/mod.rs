@@ -88,8 +88,14 @@ pub struct Weir {
 impl Weir {
     /// Spawn `weir <args>` with stdout and stderr captured by reader threads; does not wait for anything.
     pub fn spawn(args: &[&str]) -> Weir {
+        Weir::spawn_env(args, &[])
+    }
+
+    /// [`Weir::spawn`] with these environment variables added.
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Weir {
         let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -139,7 +145,12 @@ impl Weir {
     /// Spawn `weir <args>` and read its first stdout line as JSON (blocking, at most [`START_TIMEOUT`]). Panics with
     /// the process's stderr if it exits, prints something else, or says nothing in time.
     pub fn start(args: &[&str]) -> Weir {
-        let mut w = Weir::spawn(args);
+        Weir::start_env(args, &[])
+    }
+
+    /// [`Weir::start`] with these environment variables added.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Weir {
+        let mut w = Weir::spawn_env(args, env);
         let line = match w.lines.recv_timeout(START_TIMEOUT) {
             Ok(line) => line,
             Err(RecvTimeoutError::Timeout) => {
