@@ -10,73 +10,15 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Weir, client, eventually, get_status, get_text, metric, metric_sum, scrape};
+use common::{
+    MODEL, Weir, client, endpoint_id, eventually, get_text, metric, metric_sum, post_routed, scrape,
+};
 use serde_json::{Value, json};
 
-const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
-
-/// `weir serve` with `args`, ready.
-async fn serve(args: &[&str]) -> Weir {
-    let mut a = vec!["serve", "--listen", "127.0.0.1:0"];
-    a.extend_from_slice(args);
-    Weir::start(&a).ready().await
-}
-
-/// A sim fleet of `n` pods (`extra` flags appended), ready.
-async fn fleet(n: usize, scale: &str, extra: &[&str]) -> Weir {
-    let spec = format!("{n}xh100:llama-3.1-8b");
-    let mut a = vec![
-        "sim",
-        "--fleet",
-        &spec,
-        "--base-port",
-        "0",
-        "--time-scale",
-        scale,
-        "--startup-delay",
-        "0",
-    ];
-    a.extend_from_slice(extra);
-    let w = Weir::start(&a);
-    for i in 0..n {
-        let url = w.endpoint(i)["url"].as_str().unwrap().to_string();
-        eventually(Duration::from_secs(20), "fleet pod healthy", async || {
-            get_status(&format!("{url}/health")).await == 200
-        })
-        .await;
-    }
-    w
-}
-
-fn urls(f: &Weir, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| f.endpoint(i)["url"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn id_of(url: &str) -> String {
-    url.trim_start_matches("http://").to_string()
-}
-
-/// POST and return (status, x-weir-endpoint, x-weir-decision-id, JSON body).
+/// POST through the router: (status, x-weir-endpoint, x-weir-decision-id, JSON body).
 async fn post(url: &str, body: &Value) -> (u16, String, String, Value) {
-    let r = client().post(url).json(body).send().await.unwrap();
-    let st = r.status().as_u16();
-    let h = |n: &str| {
-        r.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    };
-    let (ep, did) = (h("x-weir-endpoint"), h("x-weir-decision-id"));
-    let text = r.text().await.unwrap();
-    (
-        st,
-        ep,
-        did,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    let r = post_routed(url, body, &[]).await;
+    (r.status, r.endpoint, r.decision_id, r.body)
 }
 
 fn system_prompt(tag: &str) -> String {
@@ -90,15 +32,15 @@ fn chat(system: &str, question: &str, max_tokens: u32) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_system_prompt_sticks_to_one_pod_and_decisions_are_recorded() {
-    let f = fleet(3, "50", &[]).await;
-    let u = urls(&f, 3);
+    let f = Weir::fleet(3, "50", &[]).await;
+    let u = f.urls();
     let cfg = format!(
         "listen: 127.0.0.1:0\ndecisions: {{size: 4}}\npools:\n  - name: {MODEL}\n    endpoints: [{}]\n    policy: {{kind: cache-aware}}\n",
         u.join(", ")
     );
     let path = std::env::temp_dir().join(format!("weir-cache-{}.yaml", std::process::id()));
     std::fs::write(&path, cfg).unwrap();
-    let r = serve(&["--config", path.to_str().unwrap()]).await;
+    let r = Weir::serve(&["--config", path.to_str().unwrap()]).await;
     let chat_url = format!("{}/v1/chat/completions", r.url());
     let sys = system_prompt("Ada");
     let mut pods = BTreeSet::new();
@@ -115,7 +57,7 @@ async fn shared_system_prompt_sticks_to_one_pod_and_decisions_are_recorded() {
     }
     assert_eq!(pods.len(), 1, "same system prompt, same pod: {pods:?}");
     let pod = pods.into_iter().next().unwrap();
-    let pod_url = u.iter().find(|x| id_of(x) == pod).unwrap();
+    let pod_url = u.iter().find(|x| endpoint_id(x) == pod).unwrap();
     let hits = metric(&scrape(pod_url).await, "vllm:prefix_cache_hits_total");
     assert!(
         hits > 1000.0,
@@ -182,8 +124,8 @@ async fn shared_system_prompt_sticks_to_one_pod_and_decisions_are_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn precise_index_follows_kv_events_of_requests_sent_around_the_router() {
-    let f = fleet(2, "50", &["--kv-events-base-port", "0"]).await;
-    let u = urls(&f, 2);
+    let f = Weir::fleet(2, "50", &["--kv-events-base-port", "0"]).await;
+    let u = f.urls();
     let kv = |i: usize| {
         format!(
             "{}={},{}",
@@ -194,7 +136,7 @@ async fn precise_index_follows_kv_events_of_requests_sent_around_the_router() {
     };
     let backend = format!("{MODEL}={},{}", u[0], u[1]);
     let (kv0, kv1) = (kv(0), kv(1));
-    let r = serve(&[
+    let r = Weir::serve(&[
         "--backend",
         &backend,
         "--policy",
@@ -213,7 +155,7 @@ async fn precise_index_follows_kv_events_of_requests_sent_around_the_router() {
     )
     .await;
     assert_eq!(st, 200, "{body}");
-    let pod1 = id_of(&u[1]);
+    let pod1 = endpoint_id(&u[1]);
     eventually(
         Duration::from_secs(20),
         "router index sees pod 1's blocks",
@@ -245,10 +187,10 @@ async fn precise_index_follows_kv_events_of_requests_sent_around_the_router() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_prefix_under_concurrent_load_spreads_over_pods() {
-    let f = fleet(3, "1", &["--jitter", "0"]).await;
-    let u = urls(&f, 3);
+    let f = Weir::fleet(3, "1", &["--jitter", "0"]).await;
+    let u = f.urls();
     let backend = format!("{MODEL}={}", u.join(","));
-    let r = serve(&["--backend", &backend, "--policy", "cache-aware"]).await;
+    let r = Weir::serve(&["--backend", &backend, "--policy", "cache-aware"]).await;
     let url = format!("{}/v1/chat/completions", r.url());
     let sys = system_prompt("Hopper").repeat(2);
     let reqs: Vec<_> = (0..24)
@@ -286,7 +228,7 @@ async fn pd_router(prefill: &Weir, decode: &Weir) -> Weir {
         format!("{}=prefill", prefill.url()),
         format!("{}=decode", decode.url()),
     );
-    serve(&[
+    Weir::serve(&[
         "--backend",
         &backend,
         "--policy",
@@ -317,7 +259,7 @@ async fn long_prompt_is_disaggregated_with_the_colocated_answer() {
     let body = long_completion();
     let (st, ep, did, out) = post(&format!("{}/v1/completions", r.url()), &body).await;
     assert_eq!(st, 200, "{out}");
-    assert_eq!(ep, id_of(decode.url()), "the decode pod answers");
+    assert_eq!(ep, endpoint_id(decode.url()), "the decode pod answers");
     let (_, _, _, direct) = post(&format!("{}/v1/completions", both.url()), &body).await;
     assert_eq!(out["choices"][0]["text"], direct["choices"][0]["text"]);
     assert_eq!(out["usage"]["completion_tokens"], 16);
@@ -327,7 +269,7 @@ async fn long_prompt_is_disaggregated_with_the_colocated_answer() {
     );
     let rec = decision(&r, &did).await;
     assert_eq!(rec["pd"]["decision"], "disaggregated", "{rec}");
-    assert_eq!(rec["pd"]["prefill"], id_of(prefill.url()).as_str());
+    assert_eq!(rec["pd"]["prefill"], endpoint_id(prefill.url()).as_str());
     let dm = scrape(decode.url()).await;
     assert!(
         metric(&dm, "vllm:external_prefix_cache_hits_total") > 1000.0,
@@ -341,7 +283,7 @@ async fn long_prompt_is_disaggregated_with_the_colocated_answer() {
     // A short prompt is served colocated.
     let short = json!({"model": MODEL, "prompt": "hi", "max_tokens": 2});
     let (st, ep, did, _) = post(&format!("{}/v1/completions", r.url()), &short).await;
-    assert_eq!((st, ep), (200, id_of(decode.url())));
+    assert_eq!((st, ep), (200, endpoint_id(decode.url())));
     assert_eq!(decision(&r, &did).await["pd"]["decision"], "colocated");
 }
 
@@ -353,7 +295,7 @@ async fn failing_prefill_pod_falls_back_to_colocated() {
     let body = long_completion();
     let (st, ep, did, out) = post(&format!("{}/v1/completions", r.url()), &body).await;
     assert_eq!(st, 200, "{out}");
-    assert_eq!(ep, id_of(decode.url()));
+    assert_eq!(ep, endpoint_id(decode.url()));
     let (_, _, _, direct) = post(&format!("{}/v1/completions", both.url()), &body).await;
     assert_eq!(out["choices"][0]["text"], direct["choices"][0]["text"]);
     let rec = decision(&r, &did).await;

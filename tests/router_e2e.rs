@@ -1,150 +1,51 @@
 //! End-to-end: the real `weir serve` binary in front of real `weir sim` processes on loopback — both APIs streaming
 //! and not, usage stripping, cancellation reaching the engine, every fault hook, breaker opening, drain on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
 use std::time::Duration;
 
+use common::{
+    Weir, client, endpoint_id, eventually, get_text, metric_sum, post_json_full, run_weir,
+    send_json, sse_data,
+};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-/// A child process killed on drop.
-struct Proc {
-    child: Child,
-    url: String,
+/// A sim serving model `m` (the name every route here uses) at time-scale 50; ready.
+async fn sim(extra: &[&str]) -> Weir {
+    sim_at("50", extra).await
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `weir <args>` and reads its first stdout line as JSON; `pick` extracts the URL.
-fn spawn(args: &[&str], pick: impl Fn(&Value) -> Option<String>) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn weir");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("first line");
-    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad json {line:?}: {e}"));
-    let url = pick(&v).unwrap_or_else(|| panic!("no url in {v}"));
-    Proc { child, url }
-}
-
-fn sim(extra: &[&str]) -> Proc {
-    sim_at("50", extra)
-}
-
-/// A sim at `scale` model-seconds per real second (1 = real GPU speed, for tests that need long streams).
-fn sim_at(scale: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "sim",
-        "--port",
-        "0",
-        "--time-scale",
-        scale,
-        "--startup-delay",
-        "0",
-    ];
-    args.extend_from_slice(&["--served-model-name", "m"]);
+/// A sim at `scale` model-seconds per real second (1 = real GPU speed, for tests that need long streams); ready.
+async fn sim_at(scale: &str, extra: &[&str]) -> Weir {
+    let mut args = vec!["--served-model-name", "m"];
     args.extend_from_slice(extra);
-    spawn(&args, |v| {
-        v["endpoints"][0]["url"].as_str().map(str::to_string)
-    })
+    Weir::sim_at(scale, &args).await
 }
 
-fn serve(backends: &[&Proc], extra: &[&str]) -> Proc {
-    let urls: Vec<&str> = backends.iter().map(|p| p.url.as_str()).collect();
+/// `weir serve` with one pool `m` over `backends`, scraping every 50 ms, `extra` flags appended; ready.
+async fn serve(backends: &[&Weir], extra: &[&str]) -> Weir {
+    let urls: Vec<&str> = backends.iter().map(|p| p.url()).collect();
     let backend = format!("m={}", urls.join(","));
-    let mut args = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        &backend,
-        "--scrape-interval",
-        "50ms",
-    ];
+    let mut args = vec!["--backend", &backend, "--scrape-interval", "50ms"];
     args.extend_from_slice(extra);
-    spawn(&args, |v| v["listen"].as_str().map(str::to_string))
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client")
-}
-
-async fn post(
-    url: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> (u16, reqwest::header::HeaderMap, String) {
-    let mut r = client().post(url).json(body);
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    let res = r.send().await.expect("send");
-    let status = res.status().as_u16();
-    let h = res.headers().clone();
-    (status, h, res.text().await.expect("body"))
-}
-
-fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn get_text(url: &str) -> String {
-    client()
-        .get(url)
-        .send()
-        .await
-        .expect("get")
-        .text()
-        .await
-        .expect("text")
-}
-
-/// Polls `check` until it is true or `secs` pass.
-async fn eventually(secs: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-fn data_events(sse: &str) -> Vec<&str> {
-    sse.split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .collect()
+    Weir::serve(&args).await
 }
 
 #[tokio::test]
 async fn both_apis_stream_and_not_with_usage_stripped_unless_asked() {
-    let a = sim(&[]);
-    let b = sim(&[]);
-    let r = serve(&[&a, &b], &[]);
+    let a = sim(&[]).await;
+    let b = sim(&[]).await;
+    let r = serve(&[&a, &b], &[]).await;
     let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5,
         "ignore_eos": true});
     let comp = json!({"model": "m", "prompt": "hello there", "max_tokens": 5, "ignore_eos": true});
     for (path, body) in [("/v1/chat/completions", &chat), ("/v1/completions", &comp)] {
-        let (st, h, text) = post(
-            &format!("{}{path}", r.url),
+        let (st, h, text) = post_json_full(
+            &format!("{}{path}", r.url()),
             body,
             &[("x-request-id", "req-1")],
         )
@@ -156,7 +57,7 @@ async fn both_apis_stream_and_not_with_usage_stripped_unless_asked() {
 
         let mut streaming = body.clone();
         streaming["stream"] = json!(true);
-        let (st, h, text) = post(&format!("{}{path}", r.url), &streaming, &[]).await;
+        let (st, h, text) = post_json_full(&format!("{}{path}", r.url()), &streaming, &[]).await;
         assert_eq!(st, 200);
         assert!(
             h["content-type"]
@@ -164,7 +65,7 @@ async fn both_apis_stream_and_not_with_usage_stripped_unless_asked() {
                 .unwrap()
                 .starts_with("text/event-stream")
         );
-        let evs = data_events(&text);
+        let evs = sse_data(&text);
         assert_eq!(evs.last(), Some(&"[DONE]"), "{text}");
         assert!(
             !text.contains("\"usage\":{"),
@@ -172,68 +73,71 @@ async fn both_apis_stream_and_not_with_usage_stripped_unless_asked() {
         );
 
         streaming["stream_options"] = json!({"include_usage": true});
-        let (_, _, text) = post(&format!("{}{path}", r.url), &streaming, &[]).await;
-        let with_usage = data_events(&text)
+        let (_, _, text) = post_json_full(&format!("{}{path}", r.url()), &streaming, &[]).await;
+        let with_usage = sse_data(&text)
             .iter()
             .filter(|e| e.contains("\"usage\":{"))
             .count();
         assert_eq!(with_usage, 1, "{text}");
     }
-    let m = get_text(&format!("{}/metrics", r.url)).await;
+    let m = get_text(&format!("{}/metrics", r.url())).await;
     assert!(
         metric_sum(&m, "weir_tokens_total", "Completion") >= 30.0,
         "{m}"
     );
     assert!(metric_sum(&m, "weir_endpoint_picks_total", "pool=\"m\"") >= 6.0);
     let models: Value =
-        serde_json::from_str(&get_text(&format!("{}/v1/models", r.url)).await).unwrap();
+        serde_json::from_str(&get_text(&format!("{}/v1/models", r.url())).await).unwrap();
     assert_eq!(models["data"][0]["id"], "m");
 }
 
 #[tokio::test]
 async fn client_disconnect_aborts_the_request_on_the_engine() {
-    let s = sim_at("1", &[]);
-    let r = serve(&[&s], &[]);
+    let s = sim_at("1", &[]).await;
+    let r = serve(&[&s], &[]).await;
     let body = json!({"model": "m", "prompt": "tell me a long story", "max_tokens": 2000, "ignore_eos": true,
         "stream": true});
-    let res = client()
-        .post(format!("{}/v1/completions", r.url))
-        .json(&body)
-        .send()
-        .await
-        .expect("send");
+    let res = send_json(&format!("{}/v1/completions", r.url()), &body).await;
     let mut stream = res.bytes_stream();
     let first = stream.next().await.expect("a chunk").expect("bytes");
     assert!(!first.is_empty());
     drop(stream);
-    let metrics = format!("{}/metrics", s.url);
-    eventually(10, "the sim to count an abort", async || {
-        let m = get_text(&metrics).await;
-        metric_sum(
-            &m,
-            "vllm:request_success_total",
-            "finished_reason=\"abort\"",
-        ) >= 1.0
-            && metric_sum(&m, "vllm:num_requests_running", "model_name") == 0.0
-    })
+    let metrics = format!("{}/metrics", s.url());
+    eventually(
+        Duration::from_secs(10),
+        "the sim to count an abort",
+        async || {
+            let m = get_text(&metrics).await;
+            metric_sum(
+                &m,
+                "vllm:request_success_total",
+                "finished_reason=\"abort\"",
+            ) >= 1.0
+                && metric_sum(&m, "vllm:num_requests_running", "model_name") == 0.0
+        },
+    )
     .await;
-    let rm = format!("{}/metrics", r.url);
-    eventually(5, "the router to count the cancelled stream", async || {
-        metric_sum(
-            &get_text(&rm).await,
-            "weir_stream_outcomes_total",
-            "Cancelled",
-        ) >= 1.0
-    })
+    let rm = format!("{}/metrics", r.url());
+    eventually(
+        Duration::from_secs(5),
+        "the router to count the cancelled stream",
+        async || {
+            metric_sum(
+                &get_text(&rm).await,
+                "weir_stream_outcomes_total",
+                "Cancelled",
+            ) >= 1.0
+        },
+    )
     .await;
 }
 
 #[tokio::test]
 async fn hung_backend_is_a_504_in_openai_shape() {
-    let s = sim(&["--hang-rate", "100"]);
-    let r = serve(&[&s], &["--first-byte-timeout", "300ms"]);
-    let (st, h, text) = post(
-        &format!("{}/v1/completions", r.url),
+    let s = sim(&["--hang-rate", "100"]).await;
+    let r = serve(&[&s], &["--first-byte-timeout", "300ms"]).await;
+    let (st, h, text) = post_json_full(
+        &format!("{}/v1/completions", r.url()),
         &json!({"model": "m", "prompt": "x"}),
         &[],
     )
@@ -249,11 +153,12 @@ async fn midstream_error_and_crash_end_with_error_then_done() {
     let body =
         json!({"model": "m", "prompt": "x", "max_tokens": 50, "ignore_eos": true, "stream": true});
     for flag in [["--midstream-error-rate", "100"], ["--crash-rate", "100"]] {
-        let s = sim(&flag);
-        let r = serve(&[&s], &[]);
-        let (st, _, text) = post(&format!("{}/v1/completions", r.url), &body, &[]).await;
+        let s = sim(&flag).await;
+        let r = serve(&[&s], &[]).await;
+        let (st, _, text) =
+            post_json_full(&format!("{}/v1/completions", r.url()), &body, &[]).await;
         if st == 200 {
-            let evs = data_events(&text);
+            let evs = sse_data(&text);
             assert_eq!(evs.last(), Some(&"[DONE]"), "{flag:?}: {text}");
             assert!(
                 evs[evs.len() - 2].starts_with("{\"error\""),
@@ -271,8 +176,8 @@ async fn midstream_error_and_crash_end_with_error_then_done() {
 
 #[tokio::test]
 async fn injected_errors_keep_status_in_openai_shape() {
-    let s = sim(&[]);
-    let r = serve(&[&s], &[]);
+    let s = sim(&[]).await;
+    let r = serve(&[&s], &[]).await;
     let body = json!({"model": "m", "prompt": "x"});
     // 429 last: a backend 429 cools its (only) pod for its Retry-After, so later requests would find no pod.
     for (status, code) in [
@@ -280,8 +185,8 @@ async fn injected_errors_keep_status_in_openai_shape() {
         ("400", "invalid_value"),
         ("429", "rate_limit_exceeded"),
     ] {
-        let (st, h, text) = post(
-            &format!("{}/v1/completions", r.url),
+        let (st, h, text) = post_json_full(
+            &format!("{}/v1/completions", r.url()),
             &body,
             &[("X-Return-Error", status)],
         )
@@ -293,8 +198,8 @@ async fn injected_errors_keep_status_in_openai_shape() {
             assert!(h.contains_key("retry-after"), "{status}");
         }
     }
-    let (st, _, text) = post(
-        &format!("{}/v1/completions", r.url),
+    let (st, _, text) = post_json_full(
+        &format!("{}/v1/completions", r.url()),
         &json!({"model": "zzz", "prompt": "x"}),
         &[],
     )
@@ -305,27 +210,33 @@ async fn injected_errors_keep_status_in_openai_shape() {
 
 #[tokio::test]
 async fn failing_pod_is_ejected_and_traffic_flows_to_the_healthy_one() {
-    let good = sim(&[]);
-    let bad = sim(&["--error-rate", "100", "--error-kinds", "server_error"]);
+    let good = sim(&[]).await;
+    let bad = sim(&["--error-rate", "100", "--error-kinds", "server_error"]).await;
     let r = serve(
         &[&good, &bad],
         &["--breaker-threshold", "2", "--breaker-base-ejection", "30s"],
-    );
+    )
+    .await;
     let body = json!({"model": "m", "prompt": "x", "max_tokens": 2});
     for _ in 0..10 {
-        let (st, _, text) = post(&format!("{}/v1/completions", r.url), &body, &[]).await;
+        let (st, _, text) =
+            post_json_full(&format!("{}/v1/completions", r.url()), &body, &[]).await;
         assert_eq!(st, 200, "{text}");
     }
-    let m = format!("{}/metrics", r.url);
-    let bad_id = bad.url.trim_start_matches("http://").to_string();
-    eventually(5, "the bad pod's breaker to show open", async || {
-        let t = get_text(&m).await;
-        metric_sum(
-            &t,
-            "weir_endpoint_breaker_state",
-            &format!("endpoint=\"{bad_id}\""),
-        ) == 1.0
-    })
+    let m = format!("{}/metrics", r.url());
+    let bad_id = endpoint_id(bad.url());
+    eventually(
+        Duration::from_secs(5),
+        "the bad pod's breaker to show open",
+        async || {
+            let t = get_text(&m).await;
+            metric_sum(
+                &t,
+                "weir_endpoint_breaker_state",
+                &format!("endpoint=\"{bad_id}\""),
+            ) == 1.0
+        },
+    )
     .await;
     let t = get_text(&m).await;
     assert_eq!(
@@ -341,11 +252,11 @@ async fn failing_pod_is_ejected_and_traffic_flows_to_the_healthy_one() {
 
 #[tokio::test]
 async fn all_pods_down_is_503_with_retry_after() {
-    let s = sim(&[]);
-    let r = serve(&[&s], &[]);
+    let s = sim(&[]).await;
+    let r = serve(&[&s], &[]).await;
     drop(s);
-    let (st, h, text) = post(
-        &format!("{}/v1/completions", r.url),
+    let (st, h, text) = post_json_full(
+        &format!("{}/v1/completions", r.url()),
         &json!({"model": "m", "prompt": "x"}),
         &[],
     )
@@ -357,49 +268,29 @@ async fn all_pods_down_is_503_with_retry_after() {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_streams_then_exits() {
-    let s = sim_at("1", &[]);
-    let mut r = serve(&[&s], &["--drain-timeout", "20s"]);
+    let s = sim_at("1", &[]).await;
+    let mut r = serve(&[&s], &["--drain-timeout", "20s"]).await;
     let body =
         json!({"model": "m", "prompt": "x", "max_tokens": 120, "ignore_eos": true, "stream": true});
-    let res = client()
-        .post(format!("{}/v1/completions", r.url))
-        .json(&body)
-        .send()
-        .await
-        .expect("send");
+    let res = send_json(&format!("{}/v1/completions", r.url()), &body).await;
     let mut stream = res.bytes_stream();
     let mut text =
         String::from_utf8(stream.next().await.expect("chunk").expect("bytes").to_vec()).unwrap();
-    let pid = r.child.id().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    r.terminate();
     while let Some(chunk) = stream.next().await {
         text.push_str(&String::from_utf8_lossy(
             &chunk.expect("stream survives the drain"),
         ));
     }
-    let evs = data_events(&text);
+    let evs = sse_data(&text);
     assert_eq!(evs.last(), Some(&"[DONE]"), "{text}");
     assert_eq!(evs.iter().filter(|e| e.contains("\"text\"")).count(), 120);
     // New connections are refused once draining, and the process exits cleanly.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = r.child.try_wait().expect("wait") {
-            break st;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "weir serve did not exit after draining"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let status = r.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
     assert!(
         client()
-            .get(format!("{}/health", r.url))
+            .get(format!("{}/health", r.url()))
             .send()
             .await
             .is_err()
@@ -408,8 +299,8 @@ async fn sigterm_drains_in_flight_streams_then_exits() {
 
 #[tokio::test]
 async fn yaml_config_serves_aliases_and_weighted_splits_and_rejects_unknown_fields() {
-    let a = sim(&[]);
-    let b = sim(&[]);
+    let a = sim(&[]).await;
+    let b = sim(&[]).await;
     let dir = std::env::temp_dir().join(format!("weir-router-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let cfg = dir.join("weir.yaml");
@@ -422,31 +313,31 @@ async fn yaml_config_serves_aliases_and_weighted_splits_and_rejects_unknown_fiel
              - {{name: pb, model: m, endpoints: ['{}'], policy: {{kind: power-of-two}}}}\n\
              models:\n\
              - {{name: llama, aliases: [l3], targets: [{{pool: pa, weight: 1}}, {{pool: pb, weight: 1}}]}}\n",
-            a.url, b.url
+            a.url(), b.url()
         ),
     )
     .expect("write config");
     let cfg_path = cfg.to_str().expect("utf-8 path");
-    let r = spawn(
-        &["--log-format", "json", "serve", "--config", cfg_path],
-        |v| v["listen"].as_str().map(str::to_string),
-    );
+    let r = Weir::start(&["--log-format", "json", "serve", "--config", cfg_path])
+        .ready()
+        .await;
     let (mut to_a, mut to_b) = (0, 0);
     for _ in 0..40 {
         let body = json!({"model": "l3", "prompt": "x", "max_tokens": 1});
-        let (st, h, text) = post(&format!("{}/v1/completions", r.url), &body, &[]).await;
+        let (st, h, text) =
+            post_json_full(&format!("{}/v1/completions", r.url()), &body, &[]).await;
         assert_eq!(st, 200, "{text}");
         let ep = h["x-weir-endpoint"].to_str().unwrap().to_string();
-        if a.url.ends_with(&ep) {
+        if a.url().ends_with(&ep) {
             to_a += 1;
-        } else if b.url.ends_with(&ep) {
+        } else if b.url().ends_with(&ep) {
             to_b += 1;
         }
     }
     assert_eq!(to_a + to_b, 40);
     assert!(to_a >= 8 && to_b >= 8, "split {to_a}/{to_b}");
     let models: Value =
-        serde_json::from_str(&get_text(&format!("{}/v1/models", r.url)).await).unwrap();
+        serde_json::from_str(&get_text(&format!("{}/v1/models", r.url())).await).unwrap();
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
@@ -460,10 +351,7 @@ async fn yaml_config_serves_aliases_and_weighted_splits_and_rejects_unknown_fiel
         "pools: [{name: pa, endpoint: ['http://127.0.0.1:1']}]\n",
     )
     .expect("write config");
-    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["serve", "--config", cfg_path])
-        .output()
-        .expect("run weir serve");
+    let out = run_weir(&["serve", "--config", cfg_path], Duration::from_secs(30)).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown field `endpoint`"), "{err}");
@@ -498,32 +386,29 @@ async fn fake_kube_api() -> String {
 
 #[tokio::test]
 async fn endpoints_discovered_from_kubernetes_receive_traffic() {
-    let s = sim(&[]);
-    let port = s.url.rsplit(':').next().expect("port").to_string();
+    let s = sim(&[]).await;
+    let port = s.url().rsplit(':').next().expect("port").to_string();
     let api = fake_kube_api().await;
-    let r = spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--k8s-api",
-            &api,
-            "--k8s-selector",
-            "app=vllm",
-            "--k8s-ports",
-            &port,
-            "--k8s-pool",
-            "m",
-        ],
-        |v| v["listen"].as_str().map(str::to_string),
-    );
-    let url = format!("{}/v1/completions", r.url);
-    let body = json!({"model": "m", "prompt": "x", "max_tokens": 1});
-    eventually(10, "the discovered pod to serve", async || {
-        post(&url, &body, &[]).await.0 == 200
-    })
+    let r = Weir::serve(&[
+        "--k8s-api",
+        &api,
+        "--k8s-selector",
+        "app=vllm",
+        "--k8s-ports",
+        &port,
+        "--k8s-pool",
+        "m",
+    ])
     .await;
-    let (_, h, _) = post(&url, &body, &[]).await;
+    let url = format!("{}/v1/completions", r.url());
+    let body = json!({"model": "m", "prompt": "x", "max_tokens": 1});
+    eventually(
+        Duration::from_secs(10),
+        "the discovered pod to serve",
+        async || post_json_full(&url, &body, &[]).await.0 == 200,
+    )
+    .await;
+    let (_, h, _) = post_json_full(&url, &body, &[]).await;
     assert_eq!(h["x-weir-endpoint"], format!("vllm-0:{port}"));
 }
 
@@ -557,25 +442,14 @@ async fn rate_limited_backend() -> (String, std::sync::Arc<std::sync::atomic::At
 
 #[tokio::test]
 async fn backend_429_cools_the_endpoint_and_retries_elsewhere() {
-    let s = sim(&[]);
+    let s = sim(&[]).await;
     let (busy, hits) = rate_limited_backend().await;
-    let backend = format!("m={busy},{}", s.url);
-    let r = spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            &backend,
-            "--policy",
-            "round-robin",
-        ],
-        |v| v["listen"].as_str().map(str::to_string),
-    );
-    let url = format!("{}/v1/completions", r.url);
+    let backend = format!("m={busy},{}", s.url());
+    let r = Weir::serve(&["--backend", &backend, "--policy", "round-robin"]).await;
+    let url = format!("{}/v1/completions", r.url());
     let body = json!({"model": "m", "prompt": "x", "max_tokens": 1});
     for i in 0..10 {
-        let (status, _, text) = post(&url, &body, &[]).await;
+        let (status, _, text) = post_json_full(&url, &body, &[]).await;
         assert_eq!(status, 200, "request {i} was not retried elsewhere: {text}");
     }
     // Round-robin alone would send half of them to the busy pod; its Retry-After (30 s) keeps it out after one 429.

@@ -6,14 +6,17 @@
 //! - [`Weir`]: a running `weir <args>` process. [`Weir::start`] spawns it with stdout and stderr captured and reads
 //!   the first stdout line as JSON under [`START_TIMEOUT`] (`weir sim` prints `{"endpoints":[{"url",..}]}` once
 //!   bound, `weir serve` prints `{"listen":..}`); [`Weir::ready`] then polls `GET <url>/health` until 200 under
-//!   [`READY_TIMEOUT`]. [`Weir::sim`] / [`Weir::sim_at`] do both for a simulator on an ephemeral port. The process is
+//!   [`READY_TIMEOUT`]. [`Weir::sim`] / [`Weir::sim_at`] do both for a simulator on an ephemeral port,
+//!   [`Weir::fleet`] for a `--fleet` of simulated pods ([`Weir::urls`]), [`Weir::serve`] for a router. The process is
 //!   killed and reaped on drop; when the test is panicking, its captured stderr is printed so the failure explains
 //!   itself. [`Weir::terminate`] sends SIGTERM and [`Weir::wait_exit`] waits (bounded) for the exit status.
 //! - [`run_weir`] / [`run_weir_blocking`]: run a command that stops by itself (`weir bench`, `weir replay`) to the
 //!   end under a limit and return its output; [`run_bench`] adds `--json <tmp> --no-progress` and parses the
 //!   report.
 //! - HTTP helpers: [`post_json`] (status + body), [`post_json_full`] (+ headers), [`send_json`] (the raw response,
-//!   for streams), [`get_text`], [`get_status`], [`scrape`] (`/metrics` text); [`client`] for anything else.
+//!   for streams), [`post_routed`] (+ the router's `x-weir-endpoint` / `x-weir-decision-id`, JSON body),
+//!   [`get_text`], [`get_status`], [`scrape`] (`/metrics` text); [`client`] for anything else; [`endpoint_id`] (the
+//!   router's id of a pod URL).
 //! - Parsing helpers: [`metric`] (first sample of a series), [`metric_sum`] (sum of the samples whose labels contain
 //!   a filter), [`sse_data`] / [`sse_json`] (the `data:` payloads of an SSE body).
 //! - [`eventually`]: poll an async condition until it holds or a limit passes (tests never sleep to wait).
@@ -191,6 +194,42 @@ impl Weir {
         Weir::start(&args).ready().await
     }
 
+    /// `weir serve --listen 127.0.0.1:0 <args>`; ready.
+    pub async fn serve(args: &[&str]) -> Weir {
+        let mut a = vec!["serve", "--listen", "127.0.0.1:0"];
+        a.extend_from_slice(args);
+        Weir::start(&a).ready().await
+    }
+
+    /// `weir sim --fleet <n>xh100:llama-3.1-8b` on ephemeral ports at `scale`, no start-up delay, `extra` flags
+    /// appended; every pod healthy.
+    pub async fn fleet(n: usize, scale: &str, extra: &[&str]) -> Weir {
+        let spec = format!("{n}xh100:llama-3.1-8b");
+        let mut a = vec![
+            "sim",
+            "--fleet",
+            &spec,
+            "--base-port",
+            "0",
+            "--time-scale",
+            scale,
+            "--startup-delay",
+            "0",
+        ];
+        a.extend_from_slice(extra);
+        let w = Weir::start(&a);
+        for url in w.urls() {
+            let health = format!("{url}/health");
+            eventually(
+                READY_TIMEOUT,
+                &format!("{health} to answer 200"),
+                async || get_status(&health).await == 200,
+            )
+            .await;
+        }
+        w
+    }
+
     /// Wait (at most [`READY_TIMEOUT`]) until `GET <url>/health` answers 200.
     pub async fn ready(mut self) -> Weir {
         let health = format!("{}/health", self.url());
@@ -219,6 +258,16 @@ impl Weir {
     /// `endpoints[i]` of a `weir sim` endpoints line (`url`, `model`, `role`, `kv_events`, `replay`, ..).
     pub fn endpoint(&self, i: usize) -> &Value {
         &self.first["endpoints"][i]
+    }
+
+    /// The `url` of every entry of a `weir sim` endpoints line, in order.
+    pub fn urls(&self) -> Vec<String> {
+        self.first["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["url"].as_str().map(str::to_string))
+            .collect()
     }
 
     /// The base URL (`http://127.0.0.1:<port>`): the first endpoint's `url`, else `listen`.
@@ -402,6 +451,40 @@ pub async fn post_json_full(
     let status = res.status().as_u16();
     let h = res.headers().clone();
     (status, h, res.text().await.expect("body"))
+}
+
+/// A routed response: what `weir serve` says about where a request went, and the body.
+#[derive(Debug)]
+pub struct Routed {
+    pub status: u16,
+    /// `x-weir-endpoint`: the pod that answered (`host:port`, see [`endpoint_id`]); "" when absent.
+    pub endpoint: String,
+    /// `x-weir-decision-id`: the key of its decision record; "" when absent.
+    pub decision_id: String,
+    /// The body as JSON, or as a JSON string when it is not JSON.
+    pub body: Value,
+}
+
+/// POST `body` as JSON with extra `headers` through a router; see [`Routed`].
+pub async fn post_routed(url: &str, body: &Value, headers: &[(&str, &str)]) -> Routed {
+    let (status, h, text) = post_json_full(url, body, headers).await;
+    let header = |n: &str| {
+        h.get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    Routed {
+        status,
+        endpoint: header("x-weir-endpoint"),
+        decision_id: header("x-weir-decision-id"),
+        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    }
+}
+
+/// The id `weir serve` gives a static endpoint (`x-weir-endpoint`, metric labels): its URL without `http://`.
+pub fn endpoint_id(url: &str) -> String {
+    url.trim_start_matches("http://").to_string()
 }
 
 /// GET `url`; the body text (any status).
