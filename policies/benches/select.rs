@@ -63,6 +63,7 @@ fn world() -> World {
             available: true,
             in_flight: (rng.next_u32() % 32),
             in_flight_tokens: u64::from(rng.next_u32() % 200_000),
+            prefill_tokens: 0,
             scraped: Some(ScrapedLoad {
                 waiting: rng.next_u32() % 8,
                 running: rng.next_u32() % 64,

@@ -91,6 +91,10 @@ pub struct EndpointView {
     pub in_flight: u32,
     /// Prompt + expected output tokens of those in-flight requests (weir's own estimate).
     pub in_flight_tokens: u64,
+    /// Uncached prompt tokens of those in-flight requests that have not produced their first token yet: the pod's
+    /// prefill backlog as far as this router knows (released at the first token, not at the end of the request, so
+    /// requests already decoding do not count as queued prefill work).
+    pub prefill_tokens: u64,
     /// Last scrape, or `None` when the endpoint was never scraped or its scrapes are failing (stale).
     pub scraped: Option<ScrapedLoad>,
 }
@@ -122,6 +126,7 @@ mod tests {
             available: true,
             in_flight,
             in_flight_tokens: 0,
+            prefill_tokens: 0,
             scraped,
         }
     }

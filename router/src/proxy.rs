@@ -28,7 +28,7 @@ use crate::metrics::{
 use crate::route::{CacheView, PdLabel, Prepared};
 use crate::snapshot::{EndpointSnapshot, Pool};
 use crate::sse::{SseScanner, StreamCtx, Usage, proxy_stream};
-use crate::state::EndpointState;
+use crate::state::{EndpointState, PrefillClaim};
 
 /// The pooled upstream client (HTTP/1.1, keep-alive).
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -681,6 +681,14 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             _ => est_tokens,
         };
         let mut att = Attempt::new(ep.state.clone(), att_tokens);
+        // The pod's prefill backlog until the first token: the uncached prompt (the byte estimate without a
+        // cache-aware pool). A P/D request's prompt is computed on the prefill pod instead.
+        let prefill_claim = match (cache, &prep, decided.as_ref()) {
+            (Some(_), Some(_), Some(d)) if matches!(d.how, crate::route::How::Pd(_)) => 0,
+            (Some(c), Some(p), _) => u64::from(c.uncached(p, index)),
+            _ => est_tokens.saturating_sub(u64::from(parsed.max_tokens.unwrap_or(0))),
+        };
+        let mut first_token = PrefillClaim::new(ep.state.clone(), prefill_claim);
         let mut send_body = up_body.clone();
         let mut recorded: Option<String> = None;
         if let (Some(c), Some(p), Some(d)) = (cache, &prep, decided) {
@@ -887,21 +895,20 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                 })),
             };
             let stream = proxy_stream(upstream, ctx);
-            let body = match recorded {
-                // Measured TTFT: when the first event reaches the client.
-                Some(rid) => {
-                    let routing = routing.clone();
-                    let mut first = true;
-                    Body::from_stream(futures::StreamExt::map(stream, move |item| {
-                        if first {
-                            first = false;
-                            routing.measured_ttft(&rid, start.elapsed().as_secs_f64() * 1000.0);
-                        }
-                        item
-                    }))
+            // The first event ends the pod's prefill of this request (releases its prefill backlog) and is the
+            // measured TTFT.
+            let routing = routing.clone();
+            let mut first = true;
+            let body = Body::from_stream(futures::StreamExt::map(stream, move |item| {
+                if first {
+                    first = false;
+                    first_token.release();
+                    if let Some(rid) = &recorded {
+                        routing.measured_ttft(rid, start.elapsed().as_secs_f64() * 1000.0);
+                    }
                 }
-                None => Body::from_stream(stream),
-            };
+                item
+            }));
             return out
                 .body(body)
                 .unwrap_or_else(|_| Response::new(Body::empty()));

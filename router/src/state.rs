@@ -16,6 +16,8 @@ pub struct EndpointState {
     pub in_flight: AtomicU32,
     /// Estimated tokens (prompt + max output) of those requests.
     pub in_flight_tokens: AtomicU64,
+    /// Uncached prompt tokens of those requests still waiting for their first token (see [`PrefillClaim`]).
+    pub prefill_tokens: AtomicU64,
     /// Scraped `num_requests_waiting`.
     waiting: AtomicU32,
     /// Scraped `num_requests_running`.
@@ -52,6 +54,7 @@ impl EndpointState {
         Self {
             in_flight: AtomicU32::new(0),
             in_flight_tokens: AtomicU64::new(0),
+            prefill_tokens: AtomicU64::new(0),
             waiting: AtomicU32::new(0),
             running: AtomicU32::new(0),
             kv_usage_bits: AtomicU64::new(0f64.to_bits()),
@@ -118,6 +121,7 @@ impl EndpointState {
             available: !self.cooling(since_epoch) && self.breaker.lock().is_available(now),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             in_flight_tokens: self.in_flight_tokens.load(Ordering::Relaxed),
+            prefill_tokens: self.prefill_tokens.load(Ordering::Relaxed),
             scraped: self.scraped(since_epoch, stale),
         }
     }
@@ -163,6 +167,37 @@ impl EndpointState {
     }
 }
 
+/// A request's uncached prompt tokens counted in [`EndpointState::prefill_tokens`] until its first token arrives
+/// ([`PrefillClaim::release`]) or the attempt ends (drop), whichever comes first; released exactly once.
+#[derive(Debug)]
+pub struct PrefillClaim {
+    state: Option<std::sync::Arc<EndpointState>>,
+    tokens: u64,
+}
+
+impl PrefillClaim {
+    pub fn new(state: std::sync::Arc<EndpointState>, tokens: u64) -> Self {
+        state.prefill_tokens.fetch_add(tokens, Ordering::Relaxed);
+        Self {
+            state: Some(state),
+            tokens,
+        }
+    }
+
+    /// The first token arrived: the pod's prefill of this request is done.
+    pub fn release(&mut self) {
+        if let Some(s) = self.state.take() {
+            s.prefill_tokens.fetch_sub(self.tokens, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for PrefillClaim {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +217,26 @@ mod tests {
             "a shorter Retry-After must not end the running cooldown"
         );
         assert!(avail(6000));
+    }
+
+    #[test]
+    fn prefill_claim_releases_once_at_first_token_or_drop() {
+        let s = std::sync::Arc::new(EndpointState::new(BreakerConfig::default()));
+        let now = tokio::time::Instant::now().into_std();
+        let backlog = || {
+            s.view(0, Role::Both, now, Duration::ZERO, Duration::ZERO)
+                .prefill_tokens
+        };
+        let mut a = PrefillClaim::new(s.clone(), 1000);
+        let b = PrefillClaim::new(s.clone(), 200);
+        assert_eq!(backlog(), 1200);
+        a.release();
+        a.release();
+        assert_eq!(backlog(), 200);
+        drop(a);
+        assert_eq!(backlog(), 200);
+        drop(b);
+        assert_eq!(backlog(), 0);
     }
 
     #[test]

@@ -43,6 +43,7 @@ mod tests {
             available: true,
             in_flight,
             in_flight_tokens: 0,
+            prefill_tokens: 0,
             scraped: None,
         };
         let now = crate::testkit::now();

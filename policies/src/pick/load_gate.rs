@@ -5,11 +5,11 @@
 //! added an affinity "unstick" rule). The gate compares predicted time-to-first-token per candidate:
 //!
 //! ```text
-//! wait_s(p)  = in_flight_tokens(p) / prefill_tokens_per_s  +  waiting(p) * queued_request_s
+//! wait_s(p)  = prefill_tokens(p) / prefill_tokens_per_s  +  waiting(p) * queued_request_s
 //! ttft_s(p)  = wait_s(p) + (prompt_tokens - matched_tokens(p)) / prefill_tokens_per_s
 //! ```
 //!
-//! i.e. a pod's backlog (router-tracked in-flight tokens, an upper bound on its outstanding uncached prefill work,
+//! i.e. a pod's backlog (the router-tracked uncached prompt tokens of its requests still before their first token,
 //! plus its scraped queue) against its cache saving (matched tokens x per-token prefill cost). Any pod with a prefix
 //! hit whose `ttft_s` exceeds the best candidate's by more than `margin_s` is scored as if it had no hit (its match is
 //! zeroed before the `prefix-cache` scorer is built), so load scorers decide and the request lands elsewhere. The
@@ -17,11 +17,10 @@
 //! following requests choose between the replicas by load. With an idle fleet every backlog is 0 and the hit holder
 //! has the lowest `ttft_s`, so affinity is kept.
 //!
-//! The cost test alone over-fires under steady load: the router's in-flight tokens count every request until it
-//! *finishes*, so most of them are requests already decoding (their prefill long done) plus their expected output
-//! tokens, none of which delays a new prefill. One extra in-flight miss (~7k tokens) then reads as ~0.45 s of backlog
-//! and drops the hit, so a balanced fleet scatters every shared prefix over all pods and the caches thrash (weir
-//! issue 6: 0.52 hit rate against the peers' 0.83). A hit is therefore dropped only when its holder is *also*
+//! The cost test alone over-fires under steady load: one extra miss still prefilling (~7k tokens) reads as ~0.45 s
+//! of backlog and drops the hit, so a balanced fleet scatters every shared prefix over all pods and the caches thrash
+//! (weir issue 6, when the backlog still counted decoding requests: 0.52 hit rate against the peers' 0.83). A hit is
+//! therefore dropped only when its holder is *also*
 //! imbalanced in the peers' sense (routing-and-scheduling.md §8): its outstanding requests exceed the least-loaded
 //! candidate's by more than 4 and by more than 2 times.
 //!
@@ -54,9 +53,10 @@ impl Default for CostModel {
 }
 
 impl CostModel {
-    /// Predicted wait before a new request's prefill starts on `ep`.
+    /// Predicted wait before a new request's prefill starts on `ep`: its prefill backlog (uncached prompt tokens
+    /// of requests still before their first token) plus its scraped queue.
     pub fn wait_s(&self, ep: &EndpointView) -> f64 {
-        ep.in_flight_tokens as f64 / self.prefill_tokens_per_s.max(1.0)
+        ep.prefill_tokens as f64 / self.prefill_tokens_per_s.max(1.0)
             + ep.queue() as f64 * self.queued_request_s
     }
 
@@ -172,14 +172,16 @@ mod tests {
     use super::*;
     use crate::endpoint::Role;
 
-    /// An endpoint with `in_flight_tokens` spread over requests of ~1,000 tokens each (at least one when non-zero).
-    fn ep(index: usize, in_flight_tokens: u64) -> EndpointView {
+    /// An endpoint with a prefill backlog of `backlog` tokens spread over requests of ~1,000 tokens each (at least
+    /// one when non-zero), none of them decoding yet.
+    fn ep(index: usize, backlog: u64) -> EndpointView {
         EndpointView {
             index,
             role: Role::Both,
             available: true,
-            in_flight: in_flight_tokens.div_ceil(1000) as u32,
-            in_flight_tokens,
+            in_flight: backlog.div_ceil(1000) as u32,
+            in_flight_tokens: backlog,
+            prefill_tokens: backlog,
             scraped: None,
         }
     }
@@ -222,9 +224,9 @@ mod tests {
         assert!(g.gated.is_empty());
     }
 
-    /// weir issue 6: a balanced fleet under steady load, where most in-flight tokens belong to decoding requests.
-    /// The holder has two more requests in flight than the least-loaded pod (two ~7.4k-token misses' worth of
-    /// tokens), which the cost test reads as ~0.9 s of backlog against a 0.4 s saving; the hit must still be kept.
+    /// weir issue 6: a balanced fleet under steady load. The holder has two more requests in flight than the
+    /// least-loaded pod, both misses still prefilling (~14.8k tokens of backlog), which the cost test reads as ~0.9 s
+    /// against a 0.4 s saving; Poisson noise of this size must not cost the hit.
     #[test]
     fn decode_phase_in_flight_tokens_do_not_gate_a_balanced_holder() {
         let req = RequestView {
@@ -237,21 +239,18 @@ mod tests {
             block_size: 16,
             session_pod: None,
         };
-        let busy = |index: usize, in_flight: u32, in_flight_tokens: u64| EndpointView {
+        let busy = |index: usize, in_flight: u32, backlog: u64| EndpointView {
             in_flight,
-            in_flight_tokens,
+            in_flight_tokens: u64::from(in_flight) * 1_400 + backlog,
+            prefill_tokens: backlog,
             ..ep(index, 0)
         };
-        let eps = [
-            busy(0, 36, 36 * 1_400 + 2 * 7_400),
-            busy(1, 34, 34 * 1_400),
-            busy(2, 35, 35 * 1_400),
-        ];
+        let eps = [busy(0, 36, 2 * 7_400), busy(1, 34, 0), busy(2, 35, 0)];
         let g = LoadGate::default().apply(&req, &eps, &mut f);
         assert!(g.gated.is_empty(), "balanced holder lost its hit: {g:?}");
         assert_eq!(f.matched[0], 375);
         // The same holder far out of balance (80 vs 34 in flight) is gated.
-        let eps = [busy(0, 80, 80 * 1_400), eps[1], eps[2]];
+        let eps = [busy(0, 80, 10 * 7_400), eps[1], eps[2]];
         let g = LoadGate::default().apply(&req, &eps, &mut f);
         assert_eq!(g.gated, vec![(0, 375)]);
     }

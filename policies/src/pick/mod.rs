@@ -315,6 +315,7 @@ mod tests {
             available,
             in_flight,
             in_flight_tokens: 0,
+            prefill_tokens: 0,
             scraped: None,
         }
     }

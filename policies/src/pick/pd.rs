@@ -259,6 +259,7 @@ mod tests {
             available: true,
             in_flight: 0,
             in_flight_tokens,
+            prefill_tokens: in_flight_tokens,
             scraped: Some(ScrapedLoad {
                 waiting: 0,
                 running: 0,

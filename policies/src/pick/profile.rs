@@ -8,8 +8,9 @@
 //! path does not pay for it when records are off.
 //!
 //! Presets (weights configurable): [`Weights::llm_d`] queue 2, kv 2, prefix 3 (GIE v1.5 / llm-d's chart);
-//! [`Weights::prefill`] prefix 3, queue 2, token-load 2; [`Weights::decode`] kv 1, active-request 1. Zero-weight
-//! scorers are not run.
+//! [`Weights::prefill`] prefix 3, queue 2, token-load 2; [`Weights::decode`] prefix 3, kv 1, active-request 1 (the
+//! prefix term sends a follow-up turn to the decode pod that already holds its history, which the P/D decider then
+//! serves colocated there). Zero-weight scorers are not run.
 
 use std::time::Instant;
 
@@ -66,10 +67,10 @@ impl Weights {
         }
     }
 
-    /// Decode pool: free KV and few running decodes.
+    /// Decode pool: the prompt's cached prefix, free KV and few running decodes.
     pub fn decode() -> Self {
         Self {
-            prefix: 0.0,
+            prefix: 3.0,
             queue: 0.0,
             kv: 1.0,
             token_load: 0.0,
@@ -149,13 +150,13 @@ impl Profile {
         }
     }
 
-    /// P/D decode pool.
+    /// P/D decode pool (gated like the others, since it now scores prefix hits).
     pub fn decode() -> Self {
         Self {
             name: "decode",
             role: RoleFilter::DecodeCapable,
             weights: Weights::decode(),
-            gate: None,
+            gate: Some(LoadGate::default()),
         }
     }
 
@@ -313,6 +314,7 @@ mod tests {
                 available: true,
                 in_flight: 0,
                 in_flight_tokens: 0,
+                prefill_tokens: 0,
                 scraped: Some(ScrapedLoad {
                     waiting: 0,
                     running: 0,
@@ -324,7 +326,8 @@ mod tests {
     }
 
     /// Routes `n` requests sharing a 4,000-token prefix through `profile` with an approximate index. `busy` keeps
-    /// every routed request in flight (a burst); otherwise each finishes before the next (a cold fleet).
+    /// every routed request in flight and still prefilling (a burst); otherwise each finishes before the next (a
+    /// cold fleet).
     fn hot_prefix(profile: &Profile, n: usize, busy: bool) -> Vec<usize> {
         let hasher = PrefixHasher::new("m", None, 16);
         let mut ix = ApproxIndex::default();
@@ -358,6 +361,7 @@ mod tests {
             if busy {
                 eps[i].in_flight += 1;
                 eps[i].in_flight_tokens += 4096 + 100;
+                eps[i].prefill_tokens += u64::from(4096 - facts.matched_tokens(i, 4096));
             }
             picks.push(i);
         }

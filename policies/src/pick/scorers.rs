@@ -166,6 +166,7 @@ mod tests {
             available: true,
             in_flight: 0,
             in_flight_tokens: 0,
+            prefill_tokens: 0,
             scraped: waiting.map(|w| ScrapedLoad {
                 waiting: w,
                 running: 0,

@@ -192,6 +192,7 @@ mod tests {
             available: true,
             in_flight: 0,
             in_flight_tokens: 0,
+            prefill_tokens: 0,
             scraped: None,
         };
         let mut out = [0.5; 3];
