@@ -216,8 +216,27 @@ async fn completions(app: Arc<AppState>, api: Api, req: Request) -> Response {
         return error_response(&too_large(limit), &rid, None);
     }
     let (parts, body) = req.into_parts();
-    // Debug level: at the default `info` filter the span is disabled, so no fields are formatted per request.
-    let span = tracing::debug_span!("request", request_id = ?rid, api = api.path(), model = tracing::field::Empty);
+    // The server span of the trace (`crate::telemetry`). Debug level: at the default `info` filter, without OTLP, the
+    // span is disabled, so nothing is built or formatted per request.
+    let span = tracing::debug_span!(
+        "request",
+        otel.name = match api {
+            Api::Chat => "POST /v1/chat/completions",
+            Api::Completions => "POST /v1/completions",
+        },
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        "http.request.method" = "POST",
+        "url.path" = api.path(),
+        "weir.request_id" = rid.to_str().unwrap_or_default(),
+        "gen_ai.request.model" = tracing::field::Empty,
+        "weir.stream" = tracing::field::Empty,
+        "http.response.status_code" = tracing::field::Empty,
+        "weir.endpoint" = tracing::field::Empty,
+        "weir.decision_id" = tracing::field::Empty,
+        "weir.ttft_ms" = tracing::field::Empty,
+    );
+    crate::telemetry::set_remote_parent(&span, &parts.headers);
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) => {
@@ -235,17 +254,18 @@ async fn completions(app: Arc<AppState>, api: Api, req: Request) -> Response {
                 .with_code("invalid_body")
             };
             app.count(&app.unknown_model, err.status);
-            return error_response(&err, &rid, None);
+            return answered(&span, error_response(&err, &rid, None));
         }
     };
     let parsed = match parse_request(api, &bytes) {
         Ok(p) => p,
         Err(e) => {
             app.count(&app.unknown_model, e.status);
-            return error_response(&e, &rid, None);
+            return answered(&span, error_response(&e, &rid, None));
         }
     };
-    span.record("model", parsed.model.as_str());
+    span.record("gen_ai.request.model", parsed.model.as_str());
+    span.record("weir.stream", parsed.stream);
     let snap = app.snapshot.load_full();
     let fwd = Forward {
         api,
@@ -254,9 +274,22 @@ async fn completions(app: Arc<AppState>, api: Api, req: Request) -> Response {
         parsed,
         request_id: rid,
         start,
+        span: span.clone(),
     };
     let resp = tracing::Instrument::instrument(forward(app.clone(), snap, fwd), span.clone()).await;
-    span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "answered"));
+    answered(&span, resp)
+}
+
+/// Records the answer's status on the request span (a 5xx marks the server span failed).
+fn answered(span: &tracing::Span, resp: Response) -> Response {
+    let status = resp.status();
+    if !span.is_disabled() {
+        span.record("http.response.status_code", i64::from(status.as_u16()));
+        if status.is_server_error() {
+            span.record("otel.status_code", "error");
+        }
+    }
+    span.in_scope(|| tracing::debug!(status = status.as_u16(), "answered"));
     resp
 }
 

@@ -21,6 +21,7 @@ pub mod scrape;
 pub mod snapshot;
 pub mod sse;
 pub mod state;
+pub mod telemetry;
 
 use std::sync::Arc;
 

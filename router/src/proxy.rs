@@ -252,7 +252,9 @@ fn skip_header(name: &HeaderName) -> bool {
     )
 }
 
-/// A W3C `traceparent` for the upstream hop: keeps the caller's trace id (if the header is valid) with a new span id.
+/// A W3C `traceparent` for the upstream hop when OpenTelemetry does not track the request (no OTLP export): keeps
+/// the caller's trace id (if the header is valid) with a new span id. Traced requests send their attempt span's id
+/// instead ([`crate::telemetry::upstream_traceparent`]).
 pub fn traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
     let (hi, lo, span) = with_rng(|r| {
         use rand_core::RngCore;
@@ -361,6 +363,23 @@ struct RetryGuard<'a>(&'a AppState);
 impl Drop for RetryGuard<'_> {
     fn drop(&mut self) {
         self.0.active_retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Marks an attempt's span failed (a no-op when the span is disabled: nothing is formatted).
+fn span_failed(span: &tracing::Span, kind: &str, why: &dyn std::fmt::Display) {
+    span.record("error.type", kind);
+    span.record("otel.status_code", "error");
+    span.record("otel.status_description", tracing::field::display(why));
+}
+
+/// Keeps a span open while held and ends it when dropped: tracing-opentelemetry ends a span at its last exit, so the
+/// server span of a stream is entered once more when the body is done, to cover the whole stream.
+struct EndsOnDrop(tracing::Span);
+
+impl Drop for EndsOnDrop {
+    fn drop(&mut self) {
+        let _end = self.0.enter();
     }
 }
 
@@ -477,7 +496,22 @@ async fn run_prefill_leg(
     request_id: &HeaderValue,
 ) -> Result<Bytes, String> {
     let pep = pool.endpoints[pi].clone();
-    let body = crate::pd::prefill_body(up_body)?;
+    let span = tracing::debug_span!(
+        "prefill",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        "weir.endpoint" = pep.id.as_str(),
+        "server.address" = pep.authority.as_str(),
+        "error.type" = tracing::field::Empty,
+    );
+    let body = match crate::pd::prefill_body(up_body) {
+        Ok(b) => b,
+        Err(e) => {
+            span_failed(&span, "prefill", &e);
+            return Err(e);
+        }
+    };
     let mut patt = Attempt::new(pep.state.clone(), u64::from(cache.uncached(prep, pi)) + 1);
     let mut fwd = HeaderMap::with_capacity(headers.len());
     for (k, v) in headers {
@@ -489,6 +523,11 @@ async fn run_prefill_leg(
             fwd.append(k.clone(), v.clone());
         }
     }
+    // The prefill pod's parent span is this leg's (or, untraced, the caller's trace id with a new span id).
+    fwd.insert(
+        HeaderName::from_static("traceparent"),
+        crate::telemetry::upstream_traceparent(&span, headers.get("traceparent")),
+    );
     let kv = crate::pd::run_prefill(
         &app.client,
         pep.authority.as_str(),
@@ -507,6 +546,7 @@ async fn run_prefill_leg(
         }
         Err(e) => {
             patt.failure(tokio::time::Instant::now().into_std());
+            span_failed(&span, "prefill", &e);
             Err(e)
         }
     }
@@ -526,6 +566,8 @@ pub struct Forward {
     pub request_id: HeaderValue,
     /// Arrival time, for TTFT and end-to-end latency.
     pub start: tokio::time::Instant,
+    /// The request's server span (disabled unless traced or logged at debug; see [`crate::telemetry`]).
+    pub span: tracing::Span,
 }
 
 /// Routes and forwards one validated request; never panics, always answers.
@@ -537,6 +579,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         parsed,
         request_id,
         start,
+        span: req_span,
     } = fwd;
     let Some(route) = snap.route(&parsed.model).cloned() else {
         app.count(&app.unknown_model, 404);
@@ -588,7 +631,6 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             .map_or((body.len() / 4) as u32, |p| p.prompt_tokens),
         max_tokens: parsed.max_tokens,
     };
-    let trace = traceparent(headers.get("traceparent"));
     let cfg = &app.proxy;
     let mut tried: Vec<usize> = Vec::with_capacity(2);
     let mut last: Option<Failure> = None;
@@ -629,17 +671,28 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                 v
             })
             .collect();
-        let picked = match (cache, &prep) {
+        let pick_span = tracing::debug_span!(
+            "pick",
+            attempt = i64::from(attempt),
+            "weir.pool" = &*pool.name,
+            "weir.endpoint" = tracing::field::Empty,
+            "weir.prefill_endpoint" = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        let picked = pick_span.in_scope(|| match (cache, &prep) {
             (Some(c), Some(p)) => with_rng(|r| c.decide(&rv, &views, p, attempt == 0, now_std, r))
                 .map(|d| (d.index, Some(d))),
             _ => with_rng(|r| pool.pipeline.select(&rv, &views, now_std, r)).map(|c| {
                 tracing::trace!(scores = ?c.scores, "scored");
                 (c.index, None)
             }),
-        };
+        });
         let (index, decided) = match picked {
             Ok(c) => c,
             Err(no) => {
+                pick_span.record("otel.status_code", "error");
+                pick_span.record("otel.status_description", tracing::field::display(&no));
                 if last.is_some() {
                     break;
                 }
@@ -666,6 +719,12 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             continue;
         }
         tracing::debug!(endpoint = %ep.id, attempt, "picked");
+        pick_span.record("weir.endpoint", ep.id.as_str());
+        if let Some(pi) = decided.as_ref().and_then(|d| d.prefill) {
+            pick_span.record("weir.prefill_endpoint", pool.endpoints[pi].id.as_str());
+        }
+        drop(pick_span);
+        req_span.record("weir.endpoint", ep.id.as_str());
         app.metrics
             .picks
             .get_or_create(&EndpointLabel {
@@ -743,8 +802,23 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                     .inc();
             }
             routing.ring.lock().push(lazy);
+            req_span.record("weir.decision_id", rid.as_str());
             recorded = Some(rid);
         }
+        // The upstream attempt (the decode leg of a disaggregated request); its id is the backend's parent span.
+        let up_span = tracing::debug_span!(
+            "upstream",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            attempt = i64::from(attempt),
+            "weir.endpoint" = ep.id.as_str(),
+            "server.address" = ep.authority.as_str(),
+            "http.response.status_code" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+            "weir.stream_outcome" = tracing::field::Empty,
+        );
+        let trace = crate::telemetry::upstream_traceparent(&up_span, headers.get("traceparent"));
 
         let mut rb = Request::builder().method(Method::POST).uri(format!(
             "http://{}{}",
@@ -768,7 +842,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                 HeaderValue::from_static("application/json"),
             );
             h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
-            h.insert(HeaderName::from_static("traceparent"), trace.clone());
+            h.insert(HeaderName::from_static("traceparent"), trace);
         }
         let req = match rb.body(Full::new(send_body)) {
             Ok(r) => r,
@@ -787,6 +861,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         let resp = match tokio::time::timeout(cfg.first_byte, app.client.request(req)).await {
             Err(_) => {
                 att.failure(tokio::time::Instant::now().into_std());
+                span_failed(&up_span, "timeout", &"no response head in time");
                 app.retried(&model, RetryReason::Timeout, attempt, cfg.max_attempts);
                 last = Some(Failure::Timeout);
                 continue;
@@ -801,6 +876,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                         .unwrap_or_default()
                 );
                 tracing::warn!(endpoint = %ep.id, error = %msg, "upstream request failed");
+                span_failed(&up_span, if connect { "connect" } else { "broken" }, &msg);
                 app.retried(
                     &model,
                     if connect {
@@ -821,6 +897,10 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
+        up_span.record("http.response.status_code", i64::from(status.as_u16()));
+        if status.is_client_error() || status.is_server_error() {
+            span_failed(&up_span, status.as_str(), &status);
+        }
         if status == StatusCode::TOO_MANY_REQUESTS {
             let d = backend_cooldown(resp.headers().get(header::RETRY_AFTER));
             ep.state
@@ -883,28 +963,39 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                 metrics: app.metrics.clone(),
                 start,
                 guards: Box::new(guard),
-                on_end: Some(Box::new(move |outcome| match outcome {
-                    StreamOutcome::Complete => att.success(),
-                    StreamOutcome::UpstreamError
-                    | StreamOutcome::Truncated
-                    | StreamOutcome::IdleTimeout => {
-                        att.failure(tokio::time::Instant::now().into_std());
+                // Holds the attempt span, which so covers the whole stream and closes when it ends.
+                on_end: Some(Box::new(move |outcome| {
+                    up_span.record("weir.stream_outcome", tracing::field::debug(outcome));
+                    match outcome {
+                        StreamOutcome::Complete => att.success(),
+                        StreamOutcome::UpstreamError
+                        | StreamOutcome::Truncated
+                        | StreamOutcome::IdleTimeout => {
+                            span_failed(&up_span, "stream", &format_args!("{outcome:?}"));
+                            att.failure(tokio::time::Instant::now().into_std());
+                        }
+                        // The client left: no verdict on the endpoint; dropping `att` frees a half-open probe.
+                        StreamOutcome::Cancelled => drop(att),
                     }
-                    // The client left: no verdict on the endpoint; dropping `att` frees a half-open probe.
-                    StreamOutcome::Cancelled => drop(att),
                 })),
             };
             let stream = proxy_stream(upstream, ctx);
             // The first event ends the pod's prefill of this request (releases its prefill backlog) and is the
-            // measured TTFT.
+            // measured TTFT. The closure holds the server span, which so lasts until the body is done.
+            let measure = recorded.is_some() || !req_span.is_disabled();
             let routing = routing.clone();
+            let req_span = EndsOnDrop(req_span);
             let mut first = true;
             let body = Body::from_stream(futures::StreamExt::map(stream, move |item| {
                 if first {
                     first = false;
                     first_token.release();
-                    if let Some(rid) = &recorded {
-                        routing.measured_ttft(rid, start.elapsed().as_secs_f64() * 1000.0);
+                    if measure {
+                        let ms = start.elapsed().as_secs_f64() * 1000.0;
+                        if let Some(rid) = &recorded {
+                            routing.measured_ttft(rid, ms);
+                        }
+                        req_span.0.record("weir.ttft_ms", ms);
                     }
                 }
                 item
@@ -918,6 +1009,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             Ok(b) => b,
             Err(e) => {
                 att.failure(tokio::time::Instant::now().into_std());
+                span_failed(&up_span, "broken_body", &e);
                 app.retried(&model, RetryReason::BrokenBody, attempt, cfg.max_attempts);
                 last = Some(Failure::Broken(e));
                 continue;
@@ -925,8 +1017,12 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         };
         att.success();
         if status.is_success() {
-            if let Some(rid) = &recorded {
-                routing.measured_ttft(rid, start.elapsed().as_secs_f64() * 1000.0);
+            if recorded.is_some() || !req_span.is_disabled() {
+                let ms = start.elapsed().as_secs_f64() * 1000.0;
+                if let Some(rid) = &recorded {
+                    routing.measured_ttft(rid, ms);
+                }
+                req_span.record("weir.ttft_ms", ms);
             }
             if let Some(u) = usage_of(&bytes) {
                 app.metrics

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cmd;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    #[command(flatten)]
+    otlp: telemetry::OtlpArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,27 +53,20 @@ enum Command {
     Replay(cmd::replay::ReplayArgs),
 }
 
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match cli.command {
+    // Only the commands that route requests have spans to export.
+    let routes = matches!(cli.command, Command::Serve(_) | Command::Demo(_));
+    let json = matches!(cli.log_format, LogFormat::Json);
+    let telemetry = telemetry::init(json, &cli.otlp, routes)?;
+    let result = match cli.command {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Sim(args) => cmd::sim::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Replay(args) => cmd::replay::run(args),
-    }
+    };
+    telemetry.shutdown();
+    result
 }
