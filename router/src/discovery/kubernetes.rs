@@ -5,10 +5,13 @@
 //! Rules: only pods that are Ready, have a pod IP and are not terminating count; each of the pool's `targetPorts`
 //! on such a pod is one endpoint (`http://podIP:port`, id `pod:port`); the P/D role comes from the `llm-d.ai/role`
 //! label (absent: aggregated `prefill-decode`); every pod label, the GPU type label [`GPU_LABEL`] included, is
-//! carried on the endpoint. Pods and the pool are watched with `kube::runtime` reflectors (list then watch, resumed
-//! from the last resource version, backoff on errors); the pure [`endpoints`] function turns the stores into the
-//! set, which is sent only when it differs from the last one. Nothing is published before both initial lists are
-//! complete, so a restart never flashes an empty set.
+//! carried on the endpoint. A pod's vLLM KV-event publisher (for `precise-prefix` pools) is announced by the
+//! [`KV_EVENTS_PORT`] annotation (or label), with [`KV_REPLAY_PORT`] for the replay socket (default on one-port pods:
+//! the PUB port + 1); the i-th port of the pool on a pod is data-parallel rank i, whose sockets vLLM binds at the
+//! announced ports + i (llm-d dials `socketPort + rankIndex` the same way). Pods and the pool are watched with
+//! `kube::runtime` reflectors (list then watch, resumed from the last resource version, backoff on errors); the pure
+//! [`endpoints`] function turns the stores into the set, which is sent only when it differs from the last one.
+//! Nothing is published before both initial lists are complete, so a restart never flashes an empty set.
 //!
 //! The kube client is built without TLS (compile time); in a cluster, talk to the API server through a local
 //! `kubectl proxy`-style sidecar or enable kube's TLS feature in the binary.
@@ -31,9 +34,11 @@ use crate::{Error, Result};
 
 /// Pod label carrying the P/D role (`prefill`, `decode`, `prefill-decode`).
 pub const ROLE_LABEL: &str = "llm-d.ai/role";
-/// Pod annotation (or label) carrying the vLLM KV-event PUB port; the publisher is `tcp://<podIP>:<port>`.
+/// Pod annotation (or label) carrying the vLLM KV-event PUB port; the publisher is `tcp://<podIP>:<port>` (plus the
+/// data-parallel rank on pods with several ports).
 pub const KV_EVENTS_PORT: &str = "weir.dev/kv-events-port";
-/// Pod annotation (or label) carrying the KV-event replay port (default: the PUB port + 1 when the PUB port is set).
+/// Pod annotation (or label) carrying the KV-event replay port (default: the PUB port + 1 when the PUB port is set and
+/// the pod has one port; pods with several data-parallel ranks need it explicitly, since rank 1 publishes at PUB + 1).
 pub const KV_REPLAY_PORT: &str = "weir.dev/kv-replay-port";
 /// Pod label carrying the GPU type (e.g. `H100`, `A100-80`, `L4`); read with [`gpu_type`].
 pub const GPU_LABEL: &str = "weir.dev/gpu";
@@ -133,7 +138,8 @@ pub fn serving(pod: &Pod) -> bool {
     has_ip && ready
 }
 
-/// The endpoint set for `pool`: every serving pod carrying all of `match_labels`, once per port, sorted by id.
+/// The endpoint set for `pool`: every serving pod carrying all of `match_labels`, once per port, sorted by id. The
+/// i-th entry of `ports` is data-parallel rank i: its KV-event addresses are the announced ports + i.
 pub fn endpoints<'a>(
     pool: &str,
     match_labels: &BTreeMap<String, String>,
@@ -172,18 +178,28 @@ pub fn endpoints<'a>(
                 .and_then(|v| v.parse::<u16>().ok())
         };
         let kv_port = port_of(KV_EVENTS_PORT);
-        let replay_port = port_of(KV_REPLAY_PORT).or(kv_port.and_then(|p| p.checked_add(1)));
-        for port in ports {
+        // The PUB port + 1 default only fits one rank: with several, rank 1 publishes there.
+        let replay_port = port_of(KV_REPLAY_PORT).or(if ports.len() == 1 {
+            kv_port.and_then(|p| p.checked_add(1))
+        } else {
+            None
+        });
+        for (rank, port) in ports.iter().enumerate() {
+            // vLLM offsets both ZMQ ports by the data-parallel rank (`offset_endpoint_port`).
+            let at = |base: Option<u16>| {
+                let p = u16::try_from(rank)
+                    .ok()
+                    .and_then(|r| base?.checked_add(r))?;
+                Some(format!("tcp://{host}:{p}"))
+            };
             out.push(DiscoveredEndpoint {
                 id: format!("{name}:{port}"),
                 url: format!("http://{host}:{port}"),
                 pool: pool.to_string(),
                 role,
                 labels: labels.clone(),
-                kv_events: kv_port.map(|p| format!("tcp://{host}:{p}")),
-                kv_replay: kv_port
-                    .and(replay_port)
-                    .map(|p| format!("tcp://{host}:{p}")),
+                kv_events: at(kv_port),
+                kv_replay: at(kv_port.and(replay_port)),
             });
         }
     }
@@ -485,31 +501,115 @@ mod tests {
         json!({"type": kind, "object": obj})
     }
 
+    /// A discovery task running against a scripted API server ([`api_server`]).
+    struct Run {
+        /// The published endpoint sets.
+        rx: watch::Receiver<Vec<DiscoveredEndpoint>>,
+        /// Watch-event batches for the API server to serve.
+        script: mpsc::UnboundedSender<(Res, Vec<Value>)>,
+        task: tokio::task::JoinHandle<()>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl Run {
+        /// Starts discovery of `selection` against an API server whose LISTs answer `lists`.
+        fn start(lists: HashMap<Res, Value>, selection: Selection) -> Run {
+            let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            let client = Client::new(svc, "default");
+            let (script, script_rx) = mpsc::unbounded_channel();
+            let server = tokio::spawn(api_server(handle, lists, script_rx));
+            let (tx, rx) = watch::channel(Vec::new());
+            let disco = KubernetesDiscovery::new(client, "default", selection).unwrap();
+            let task = tokio::spawn(disco.run(tx));
+            Run {
+                rx,
+                script,
+                task,
+                server,
+            }
+        }
+
+        /// Serves `batch` on the next (or the open) watch of `res`.
+        fn send(&self, res: Res, batch: Vec<Value>) {
+            self.script.send((res, batch)).unwrap();
+        }
+
+        /// Drops the receiver and checks the discovery task returns because of it.
+        async fn stop(self) {
+            drop(self.rx);
+            tokio::time::timeout(Duration::from_secs(5), self.task)
+                .await
+                .expect("run returns once receivers are gone")
+                .unwrap();
+            self.server.abort();
+        }
+    }
+
+    /// `obj` (a [`pod`]) with these annotations.
+    fn annotated(mut obj: Value, annotations: &[(&str, &str)]) -> Value {
+        let a: BTreeMap<&str, &str> = annotations.iter().copied().collect();
+        obj["metadata"]["annotations"] = json!(a);
+        obj
+    }
+
+    /// Waits until the published set satisfies `ok`; panics with `what` and the last set after 10 s.
+    async fn expect_where(
+        rx: &mut watch::Receiver<Vec<DiscoveredEndpoint>>,
+        what: &str,
+        ok: impl Fn(&[DiscoveredEndpoint]) -> bool,
+    ) -> Vec<DiscoveredEndpoint> {
+        let res = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|eps| ok(eps)))
+            .await
+            .map(|got| got.unwrap().clone());
+        match res {
+            Ok(got) => got,
+            Err(_) => panic!("{what}: never seen; last set {:#?}", *rx.borrow()),
+        }
+    }
+
+    /// (id, kv_events, kv_replay) of each endpoint, with the pod IP written as `IP` (it is derived from the name).
+    fn kv(eps: &[DiscoveredEndpoint]) -> Vec<(String, Option<String>, Option<String>)> {
+        let ip = |a: &Option<String>, url: &str| {
+            let host = url
+                .trim_start_matches("http://")
+                .rsplit_once(':')
+                .unwrap()
+                .0;
+            a.as_ref().map(|a| a.replace(host, "IP"))
+        };
+        eps.iter()
+            .map(|e| {
+                (
+                    e.id.clone(),
+                    ip(&e.kv_events, &e.url),
+                    ip(&e.kv_replay, &e.url),
+                )
+            })
+            .collect()
+    }
+
+    fn row(
+        id: &str,
+        pubs: Option<&str>,
+        replay: Option<&str>,
+    ) -> (String, Option<String>, Option<String>) {
+        let tcp = |p: Option<&str>| p.map(|p| format!("tcp://IP:{p}"));
+        (id.to_string(), tcp(pubs), tcp(replay))
+    }
+
+    /// Waits until the published set is exactly these endpoint ids, in order; panics with the last set after 10 s.
     async fn expect(
         rx: &mut watch::Receiver<Vec<DiscoveredEndpoint>>,
         ids: &[&str],
     ) -> Vec<DiscoveredEndpoint> {
-        let want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
-        let res = tokio::time::timeout(
-            Duration::from_secs(10),
-            rx.wait_for(|eps| eps.iter().map(|e| &e.id).eq(want.iter())),
-        )
+        expect_where(rx, &format!("endpoint ids {ids:?}"), |eps| {
+            eps.iter().map(|e| e.id.as_str()).eq(ids.iter().copied())
+        })
         .await
-        .map(|got| got.unwrap().clone());
-        match res {
-            Ok(got) => got,
-            Err(_) => {
-                let last: Vec<String> = rx.borrow().iter().map(|e| e.id.clone()).collect();
-                panic!("endpoint set never became {want:?}; last {last:?}")
-            }
-        }
     }
 
     #[tokio::test]
     async fn follows_an_inference_pool_and_its_pods() {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
-        let (script, script_rx) = mpsc::unbounded_channel();
         let lists = HashMap::from([
             (
                 Res::Pods,
@@ -533,15 +633,10 @@ mod tests {
                 list("InferencePoolList", vec![pool(5, &[8000, 8001])]),
             ),
         ]);
-        let server = tokio::spawn(api_server(handle, lists, script_rx));
-        let (tx, mut rx) = watch::channel(Vec::new());
-        let disco =
-            KubernetesDiscovery::new(client, "default", Selection::InferencePool("llama".into()))
-                .unwrap();
-        let task = tokio::spawn(disco.run(tx));
+        let mut run = Run::start(lists, Selection::InferencePool("llama".into()));
 
         // Initial lists: only ready, selected pod `a`, on both target ports.
-        let eps = expect(&mut rx, &["a:8000", "a:8001"]).await;
+        let eps = expect(&mut run.rx, &["a:8000", "a:8001"]).await;
         assert_eq!(eps[0].pool, "llama");
         assert_eq!(eps[0].role, Role::Both);
         assert!(
@@ -552,102 +647,201 @@ mod tests {
         assert_eq!(gpu_type(&eps[0]), Some("H100"));
 
         // b becomes ready: it joins, with its decode role.
-        script
-            .send((
-                Res::Pods,
-                vec![ev(
-                    "MODIFIED",
-                    pod(
-                        "b",
-                        6,
-                        &[("app", "vllm"), (ROLE_LABEL, "decode")],
-                        true,
-                        false,
-                    ),
-                )],
-            ))
-            .unwrap();
-        let eps = expect(&mut rx, &["a:8000", "a:8001", "b:8000", "b:8001"]).await;
+        run.send(
+            Res::Pods,
+            vec![ev(
+                "MODIFIED",
+                pod(
+                    "b",
+                    6,
+                    &[("app", "vllm"), (ROLE_LABEL, "decode")],
+                    true,
+                    false,
+                ),
+            )],
+        );
+        let eps = expect(&mut run.rx, &["a:8000", "a:8001", "b:8000", "b:8001"]).await;
         assert_eq!(eps[2].role, Role::Decode);
 
         // a turns not ready: it leaves.
-        script
-            .send((
-                Res::Pods,
-                vec![ev(
-                    "MODIFIED",
-                    pod("a", 7, &[("app", "vllm")], false, false),
-                )],
-            ))
-            .unwrap();
-        expect(&mut rx, &["b:8000", "b:8001"]).await;
+        run.send(
+            Res::Pods,
+            vec![ev(
+                "MODIFIED",
+                pod("a", 7, &[("app", "vllm")], false, false),
+            )],
+        );
+        expect(&mut run.rx, &["b:8000", "b:8001"]).await;
 
         // The pool drops a target port.
-        script
-            .send((Res::Pools, vec![ev("MODIFIED", pool(8, &[8000]))]))
-            .unwrap();
-        expect(&mut rx, &["b:8000"]).await;
+        run.send(Res::Pools, vec![ev("MODIFIED", pool(8, &[8000]))]);
+        expect(&mut run.rx, &["b:8000"]).await;
 
         // c is relabelled into the pool (and is ready); b starts terminating in the same batch.
-        script
-            .send((
-                Res::Pods,
-                vec![
-                    ev(
-                        "MODIFIED",
-                        pod("c", 9, &[("app", "vllm"), (GPU_LABEL, "L4")], true, false),
+        run.send(
+            Res::Pods,
+            vec![
+                ev(
+                    "MODIFIED",
+                    pod("c", 9, &[("app", "vllm"), (GPU_LABEL, "L4")], true, false),
+                ),
+                ev(
+                    "MODIFIED",
+                    pod(
+                        "b",
+                        10,
+                        &[("app", "vllm"), (ROLE_LABEL, "decode")],
+                        true,
+                        true,
                     ),
-                    ev(
-                        "MODIFIED",
-                        pod(
-                            "b",
-                            10,
-                            &[("app", "vllm"), (ROLE_LABEL, "decode")],
-                            true,
-                            true,
-                        ),
-                    ),
-                ],
-            ))
-            .unwrap();
-        let eps = expect(&mut rx, &["c:8000"]).await;
+                ),
+            ],
+        );
+        let eps = expect(&mut run.rx, &["c:8000"]).await;
         assert_eq!(gpu_type(&eps[0]), Some("L4"));
 
         // c is deleted: nothing left.
-        script
-            .send((
-                Res::Pods,
-                vec![ev("DELETED", pod("c", 11, &[("app", "vllm")], true, false))],
-            ))
-            .unwrap();
-        expect(&mut rx, &[]).await;
+        run.send(
+            Res::Pods,
+            vec![ev("DELETED", pod("c", 11, &[("app", "vllm")], true, false))],
+        );
+        expect(&mut run.rx, &[]).await;
 
         // A ready pod comes back, then the pool itself is deleted: the set empties again.
-        script
-            .send((
-                Res::Pods,
-                vec![ev("ADDED", pod("d", 12, &[("app", "vllm")], true, false))],
-            ))
-            .unwrap();
-        expect(&mut rx, &["d:8000"]).await;
-        script
-            .send((Res::Pools, vec![ev("DELETED", pool(13, &[8000]))]))
-            .unwrap();
-        expect(&mut rx, &[]).await;
+        run.send(
+            Res::Pods,
+            vec![ev("ADDED", pod("d", 12, &[("app", "vllm")], true, false))],
+        );
+        expect(&mut run.rx, &["d:8000"]).await;
+        run.send(Res::Pools, vec![ev("DELETED", pool(13, &[8000]))]);
+        expect(&mut run.rx, &[]).await;
 
-        drop(rx);
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("run returns once receivers are gone")
-            .unwrap();
-        server.abort();
+        run.stop().await;
+    }
+
+    #[tokio::test]
+    async fn kv_event_addresses_follow_pod_annotations_and_ranks() {
+        let app = [("app", "vllm")];
+        let lists = HashMap::from([
+            (
+                Res::Pods,
+                list(
+                    "PodList",
+                    vec![
+                        // PUB port annotated: replay defaults to PUB + 1.
+                        annotated(pod("a", 2, &app, true, false), &[(KV_EVENTS_PORT, "5557")]),
+                        // PUB port as a label, replay annotated.
+                        annotated(
+                            pod(
+                                "b",
+                                3,
+                                &[("app", "vllm"), (KV_EVENTS_PORT, "6000")],
+                                true,
+                                false,
+                            ),
+                            &[(KV_REPLAY_PORT, "6100")],
+                        ),
+                        // Nothing announced, or nonsense: no KV events.
+                        pod("c", 4, &app, true, false),
+                        annotated(pod("d", 5, &app, true, false), &[(KV_EVENTS_PORT, "zmq")]),
+                    ],
+                ),
+            ),
+            (
+                Res::Pools,
+                list("InferencePoolList", vec![pool(6, &[8000])]),
+            ),
+        ]);
+        let mut run = Run::start(lists, Selection::InferencePool("llama".into()));
+
+        let eps = expect(&mut run.rx, &["a:8000", "b:8000", "c:8000", "d:8000"]).await;
+        assert_eq!(
+            kv(&eps),
+            vec![
+                row("a:8000", Some("5557"), Some("5558")),
+                row("b:8000", Some("6000"), Some("6100")),
+                row("c:8000", None, None),
+                row("d:8000", None, None),
+            ]
+        );
+        assert!(
+            eps[0]
+                .kv_events
+                .as_deref()
+                .unwrap()
+                .starts_with("tcp://10.0.0.")
+        );
+
+        // a's publisher moves: the endpoint follows.
+        run.send(
+            Res::Pods,
+            vec![ev(
+                "MODIFIED",
+                annotated(pod("a", 7, &app, true, false), &[(KV_EVENTS_PORT, "5600")]),
+            )],
+        );
+        expect_where(&mut run.rx, "a's new publisher", |eps| {
+            kv(eps)[0] == row("a:8000", Some("5600"), Some("5601"))
+        })
+        .await;
+
+        // The annotation is removed: a is still an endpoint, without KV events.
+        run.send(
+            Res::Pods,
+            vec![ev("MODIFIED", pod("a", 8, &app, true, false))],
+        );
+        expect_where(&mut run.rx, "a without KV events", |eps| {
+            kv(eps)[0] == row("a:8000", None, None)
+        })
+        .await;
+
+        // Two target ports = two data-parallel ranks: each rank's sockets are offset by its rank. b's replay port is
+        // explicit; c announces only a PUB port, whose default replay (PUB + 1) would be rank 1's PUB, so none.
+        run.send(
+            Res::Pods,
+            vec![ev(
+                "MODIFIED",
+                annotated(pod("c", 9, &app, true, false), &[(KV_EVENTS_PORT, "7000")]),
+            )],
+        );
+        run.send(Res::Pools, vec![ev("MODIFIED", pool(10, &[8000, 8001]))]);
+        let eps = expect_where(&mut run.rx, "two ranks per pod", |eps| {
+            eps.len() == 8
+                && eps
+                    .iter()
+                    .any(|e| e.id == "c:8001" && e.kv_events.is_some())
+        })
+        .await;
+        assert_eq!(
+            kv(&eps),
+            vec![
+                row("a:8000", None, None),
+                row("a:8001", None, None),
+                row("b:8000", Some("6000"), Some("6100")),
+                row("b:8001", Some("6001"), Some("6101")),
+                row("c:8000", Some("7000"), None),
+                row("c:8001", Some("7001"), None),
+                row("d:8000", None, None),
+                row("d:8001", None, None),
+            ]
+        );
+
+        // b is deleted: its endpoints (and their KV-event addresses) go.
+        run.send(
+            Res::Pods,
+            vec![ev("DELETED", pod("b", 11, &app, true, false))],
+        );
+        expect(
+            &mut run.rx,
+            &["a:8000", "a:8001", "c:8000", "c:8001", "d:8000", "d:8001"],
+        )
+        .await;
+
+        run.stop().await;
     }
 
     #[tokio::test]
     async fn label_selector_mode_uses_configured_ports_and_pool() {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
-        let (script, script_rx) = mpsc::unbounded_channel();
         let lists = HashMap::from([(
             Res::Pods,
             list(
@@ -661,36 +855,23 @@ mod tests {
                 )],
             ),
         )]);
-        let server = tokio::spawn(api_server(handle, lists, script_rx));
-        let (tx, mut rx) = watch::channel(Vec::new());
         let sel = Selection::Labels {
             pool: "fleet".into(),
             match_labels: BTreeMap::from([("app".to_string(), "vllm".to_string())]),
             ports: vec![8200],
         };
-        let task = tokio::spawn(
-            KubernetesDiscovery::new(client, "default", sel)
-                .unwrap()
-                .run(tx),
-        );
-        let eps = expect(&mut rx, &["p1:8200"]).await;
+        let mut run = Run::start(lists, sel);
+        let eps = expect(&mut run.rx, &["p1:8200"]).await;
         assert_eq!(
             (eps[0].pool.as_str(), eps[0].role),
             ("fleet", Role::Prefill)
         );
-        script
-            .send((
-                Res::Pods,
-                vec![ev("MODIFIED", pod("p1", 3, &[("app", "vllm")], true, true))],
-            ))
-            .unwrap();
-        expect(&mut rx, &[]).await;
-        drop(rx);
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .unwrap()
-            .unwrap();
-        server.abort();
+        run.send(
+            Res::Pods,
+            vec![ev("MODIFIED", pod("p1", 3, &[("app", "vllm")], true, true))],
+        );
+        expect(&mut run.rx, &[]).await;
+        run.stop().await;
     }
 
     #[tokio::test]
