@@ -358,22 +358,26 @@ async fn yaml_config_serves_aliases_and_weighted_splits_and_rejects_unknown_fiel
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A minimal Kubernetes API: lists one ready pod (IP 127.0.0.1) and holds watches open without events.
-async fn fake_kube_api() -> String {
-    async fn pods(uri: axum::http::Uri) -> axum::response::Response {
-        use axum::response::IntoResponse;
-        if uri.query().unwrap_or("").contains("watch=true") {
-            let never = futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
-            return axum::body::Body::from_stream(never).into_response();
+/// A minimal Kubernetes API: lists one ready pod `vllm-0` (IP 127.0.0.1, labels `app: vllm`, these annotations) and
+/// holds watches open without events.
+async fn fake_kube_api(annotations: Value) -> String {
+    let pod_list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": [{
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "vllm-0", "namespace": "default", "resourceVersion": "1",
+                     "labels": {"app": "vllm", "llm-d.ai/role": "prefill-decode"}, "annotations": annotations},
+        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
+    }]});
+    let pods = move |uri: axum::http::Uri| {
+        let pod_list = pod_list.clone();
+        async move {
+            use axum::response::IntoResponse;
+            if uri.query().unwrap_or("").contains("watch=true") {
+                let never = futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+                return axum::body::Body::from_stream(never).into_response();
+            }
+            axum::Json(pod_list).into_response()
         }
-        axum::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": [{
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "vllm-0", "namespace": "default", "resourceVersion": "1",
-                         "labels": {"app": "vllm", "llm-d.ai/role": "prefill-decode"}},
-            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
-        }]}))
-        .into_response()
-    }
+    };
     let app =
         axum::Router::new().route("/api/v1/namespaces/default/pods", axum::routing::get(pods));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -384,22 +388,29 @@ async fn fake_kube_api() -> String {
     url
 }
 
+/// `weir serve` (`extra` flags first) whose endpoints come from the Kubernetes API at `api`: the pods labelled
+/// `app: vllm`, on `port`, as pool `m`; ready.
+async fn serve_kubernetes(api: &str, port: &str, extra: &[&str]) -> Weir {
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&[
+        "--k8s-api",
+        api,
+        "--k8s-selector",
+        "app=vllm",
+        "--k8s-ports",
+        port,
+        "--k8s-pool",
+        "m",
+    ]);
+    Weir::serve(&args).await
+}
+
 #[tokio::test]
 async fn endpoints_discovered_from_kubernetes_receive_traffic() {
     let s = sim(&[]).await;
     let port = s.url().rsplit(':').next().expect("port").to_string();
-    let api = fake_kube_api().await;
-    let r = Weir::serve(&[
-        "--k8s-api",
-        &api,
-        "--k8s-selector",
-        "app=vllm",
-        "--k8s-ports",
-        &port,
-        "--k8s-pool",
-        "m",
-    ])
-    .await;
+    let api = fake_kube_api(json!({})).await;
+    let r = serve_kubernetes(&api, &port, &[]).await;
     let url = format!("{}/v1/completions", r.url());
     let body = json!({"model": "m", "prompt": "x", "max_tokens": 1});
     eventually(
@@ -410,6 +421,51 @@ async fn endpoints_discovered_from_kubernetes_receive_traffic() {
     .await;
     let (_, h, _) = post_json_full(&url, &body, &[]).await;
     assert_eq!(h["x-weir-endpoint"], format!("vllm-0:{port}"));
+}
+
+/// The port of a `tcp://host:port` or `http://host:port` address.
+fn port_of(addr: &str) -> &str {
+    addr.rsplit(':').next().unwrap()
+}
+
+#[tokio::test]
+async fn kv_event_publisher_announced_by_a_pod_annotation_feeds_the_precise_index() {
+    let s = sim(&["--kv-events-port", "0"]).await;
+    let (kv, replay) = (
+        s.endpoint(0)["kv_events"].as_str().unwrap().to_string(),
+        s.endpoint(0)["replay"].as_str().unwrap().to_string(),
+    );
+    let port = port_of(s.url()).to_string();
+    let api = fake_kube_api(json!({
+        "weir.dev/kv-events-port": port_of(&kv),
+        "weir.dev/kv-replay-port": port_of(&replay),
+    }))
+    .await;
+    // The pool's policy comes from the config; its endpoints only from Kubernetes.
+    let cfg = std::env::temp_dir().join(format!("weir-k8s-kv-{}.yaml", std::process::id()));
+    std::fs::write(&cfg, "pools: [{name: m, policy: {kind: precise-prefix}}]\n").unwrap();
+    let r = serve_kubernetes(&api, &port, &["--config", cfg.to_str().unwrap()]).await;
+    // Fill the pod's cache around the router: only its KV events can tell the router.
+    let prompt = "The pod announced its publisher in an annotation. ".repeat(40);
+    let body = json!({"model": "m", "prompt": prompt, "max_tokens": 1});
+    let (st, _, text) = post_json_full(&format!("{}/v1/completions", s.url()), &body, &[]).await;
+    assert_eq!(st, 200, "{text}");
+    let prefix = format!("{}/debug/prefix", r.url());
+    let id = format!("vllm-0:{port}");
+    eventually(
+        Duration::from_secs(20),
+        "the router's precise index to hold the pod's blocks",
+        async || {
+            let v: Value = serde_json::from_str(&get_text(&prefix).await).unwrap();
+            v["pools"][0]["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["id"] == id.as_str() && e["blocks"].as_u64().unwrap_or(0) > 20)
+        },
+    )
+    .await;
+    let _ = std::fs::remove_file(cfg);
 }
 
 /// A backend that answers every completion with 429 and `Retry-After: 30`, counting them; `/metrics` is empty.
