@@ -48,6 +48,8 @@ pub struct PdRecord {
     pub reason: &'static str,
     /// Prefill endpoint when disaggregated.
     pub prefill: Option<String>,
+    /// When declined: the idle prefill pod that served the request whole instead of the decode pod (`picked`).
+    pub on_prefill_pod: Option<String>,
     /// Prefill-profile candidates, when that profile ran.
     pub prefill_candidates: Vec<CandidateRecord>,
     pub predicted_colocated_ttft_ms: f64,

@@ -19,7 +19,8 @@
 //!       weights: {prefix: 3, queue: 2, kv: 2, token_load: 0, active_request: 0, session: 0}
 //!       load_gate: {margin: 100ms, prefill_tokens_per_s: 15928}   # or `load_gate: off`
 //!       session_affinity: true       # x-session-id keeps a conversation on its pod (session weight 1 if unset)
-//!       pd: {non_cached_tokens: 16, min_prompt_tokens: 0, ttft_margin: 100ms}   # non_cached_tokens 0 = no P/D
+//!       pd: {non_cached_tokens: 512, min_prompt_tokens: 0, ttft_margin: 500ms, colocate_on_prefill: true}
+//!                                    # non_cached_tokens 0 = no P/D; see policies::pick::pd for each knob
 //!       tokenizer: byte              # tokenizer + Llama-3 chat template the pods use; or {hf: /path/tokenizer.json}
 //!       block_size: 16               # tokens per hashed block (the engine's block size for precise-prefix)
 //! decisions: {size: 1024}            # decision-record ring for /debug/decisions
@@ -244,12 +245,14 @@ pub struct RawGateThresholds {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPd {
-    /// Minimum uncached suffix on the decode pod for P/D (default 16; 0 disables P/D).
+    /// Minimum uncached suffix on the decode pod for P/D (default 512; 0 disables P/D).
     pub non_cached_tokens: Option<u32>,
     /// Minimum prompt length for P/D (default 0).
     pub min_prompt_tokens: Option<u32>,
-    /// How much worse P/D's predicted TTFT may be than colocated (default 100ms).
+    /// How much worse P/D's predicted TTFT may be than colocated (default 500ms).
     pub ttft_margin: Option<String>,
+    /// Whether a declined request may run on a prefill pod that predicts a better TTFT (default true).
+    pub colocate_on_prefill: Option<bool>,
 }
 
 /// A named scorer with its weight.
@@ -830,6 +833,7 @@ fn validate_cache_aware(
             Duration::from_secs_f64(dp.ttft_margin_s),
         )?
         .as_secs_f64(),
+        colocate_on_prefill: p.colocate_on_prefill.unwrap_or(dp.colocate_on_prefill),
         cost: gate.map_or(dp.cost, |g| g.cost),
         ..dp
     };
@@ -1136,6 +1140,38 @@ scrape: {interval: 50ms}
     fn unknown_fields_are_rejected_with_the_field_name() {
         let e = RawConfig::from_yaml("pools: [{name: a, endpoint: [x]}]").unwrap_err();
         assert!(e.to_string().contains("endpoint"), "{e}");
+    }
+
+    #[test]
+    fn pd_knobs_default_and_override() {
+        let pd_of = |yaml: &str| {
+            let c = RawConfig::from_yaml(yaml).unwrap().validate().unwrap();
+            let PolicyConfig::CacheAware(ca) = &c.pools[0].policy else {
+                panic!("{:?}", c.pools[0].policy);
+            };
+            ca.pd
+        };
+        let d = pd_of(
+            "pools: [{name: a, endpoints: [http://127.0.0.1:1], policy: {kind: cache-aware}}]",
+        );
+        assert_eq!(d, PdConfig::default());
+        assert_eq!(
+            (d.non_cached_tokens, d.ttft_margin_s, d.colocate_on_prefill),
+            (512, 0.5, true)
+        );
+        let o = pd_of(
+            "pools: [{name: a, endpoints: [http://127.0.0.1:1], policy: {kind: cache-aware, \
+             load_gate: {prefill_tokens_per_s: 35000}, \
+             pd: {non_cached_tokens: 1024, ttft_margin: 250ms, colocate_on_prefill: false}}}]",
+        );
+        assert_eq!(
+            (o.non_cached_tokens, o.ttft_margin_s, o.colocate_on_prefill),
+            (1024, 0.25, false)
+        );
+        assert_eq!(
+            o.cost.prefill_tokens_per_s, 35_000.0,
+            "the P/D decider uses the gate's rate"
+        );
     }
 
     #[test]

@@ -512,7 +512,13 @@ async fn run_prefill_leg(
             return Err(e);
         }
     };
-    let mut patt = Attempt::new(pep.state.clone(), u64::from(cache.uncached(prep, pi)) + 1);
+    let uncached = cache.uncached(prep, pi);
+    // A leg sent to a pod with no prefill backlog measures the pods' prefill throughput (see `crate::pd::PrefillRate`).
+    let idle = pep.state.prefill_tokens.load(Ordering::Relaxed) == 0;
+    let mut patt = Attempt::new(pep.state.clone(), u64::from(uncached) + 1);
+    // The prompt is the prefill pod's backlog until the leg answers (its first and only token).
+    let _backlog = PrefillClaim::new(pep.state.clone(), u64::from(uncached));
+    let sent = tokio::time::Instant::now();
     let mut fwd = HeaderMap::with_capacity(headers.len());
     for (k, v) in headers {
         if !skip_header(k)
@@ -542,6 +548,12 @@ async fn run_prefill_leg(
     match kv {
         Ok(kv) => {
             patt.success();
+            if idle {
+                cache
+                    .pool
+                    .prefill_rate
+                    .observe(uncached, sent.elapsed().as_secs_f64());
+            }
             crate::pd::decode_body(up_body, kv)
         }
         Err(e) => {
@@ -741,9 +753,10 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         };
         let mut att = Attempt::new(ep.state.clone(), att_tokens);
         // The pod's prefill backlog until the first token: the uncached prompt (the byte estimate without a
-        // cache-aware pool). A P/D request's prompt is computed on the prefill pod instead.
+        // cache-aware pool). A disaggregated request's prompt is computed on the prefill pod instead (its leg claims
+        // it there), unless that leg fails (claimed here at the fallback below).
         let prefill_claim = match (cache, &prep, decided.as_ref()) {
-            (Some(_), Some(_), Some(d)) if matches!(d.how, crate::route::How::Pd(_)) => 0,
+            (Some(_), Some(_), Some(d)) if d.prefill.is_some() => 0,
             (Some(c), Some(p), _) => u64::from(c.uncached(p, index)),
             _ => est_tokens.saturating_sub(u64::from(parsed.max_tokens.unwrap_or(0))),
         };
@@ -790,6 +803,8 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                             })
                             .inc();
                         lazy.fallback = Some(why);
+                        first_token =
+                            PrefillClaim::new(ep.state.clone(), u64::from(c.uncached(p, index)));
                     }
                 }
             } else if is_pd {

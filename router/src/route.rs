@@ -53,6 +53,15 @@ pub struct PdLabel {
     pub decision: &'static str,
 }
 
+/// `{reason, on}` of a declined P/D decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeclinedLabel {
+    /// [`policies::pick::pd::PdReason`]: `short-prompt`, `short-uncached`, `no-prefill-pod`, `ttft-worse`, `disabled`.
+    pub reason: &'static str,
+    /// Role of the pod that served it: `decode`, or `prefill` (an idle prefill pod with a better predicted TTFT).
+    pub on: &'static str,
+}
+
 /// Cache-aware routing metrics.
 #[derive(Clone, Debug, Default)]
 pub struct CacheMetrics {
@@ -62,6 +71,8 @@ pub struct CacheMetrics {
     pub matched_blocks: Counter,
     /// `weir_pd_decisions_total{decision}`.
     pub pd: Family<PdLabel, Counter>,
+    /// `weir_pd_declined_total{reason,on}`: why requests of P/D pools were served colocated, and where.
+    pub pd_declined: Family<DeclinedLabel, Counter>,
 }
 
 impl CacheMetrics {
@@ -82,6 +93,11 @@ impl CacheMetrics {
             "pd_decisions",
             "P/D decisions: colocated, disaggregated, or fallback to colocated after a failed prefill leg",
             m.pd.clone(),
+        );
+        r.register(
+            "pd_declined",
+            "Requests of P/D pools the decider served colocated, by reason and by the role of the pod that served them",
+            m.pd_declined.clone(),
         );
         m
     }
@@ -144,6 +160,8 @@ pub struct CachePool {
     profile: Profile,
     /// P/D router, used when the pool has prefill-role pods.
     pd: PdRouter,
+    /// Prefill throughput learned from this pool's P/D prefill legs (replaces the configured rate once known).
+    pub prefill_rate: crate::pd::PrefillRate,
     /// Endpoint ids currently registered in the index, to remove those that leave.
     members: Mutex<BTreeSet<EndpointId>>,
 }
@@ -187,7 +205,9 @@ impl CachePool {
         };
         pd.prefill.weights.prefix = w.prefix;
         pd.prefill.gate = cfg.gate;
+        pd.decode.weights.prefix = w.prefix;
         pd.decode.weights.session = w.session;
+        pd.decode.gate = cfg.gate;
         Self {
             cfg: cfg.clone(),
             model: Arc::from(model),
@@ -199,6 +219,7 @@ impl CachePool {
             sessions: Mutex::new(SessionTable::default()),
             profile,
             pd,
+            prefill_rate: crate::pd::PrefillRate::default(),
             members: Mutex::new(BTreeSet::new()),
         }
     }
@@ -367,13 +388,19 @@ impl CacheView {
     ) -> Result<Decided, NoEligibleEndpoint> {
         let p = &self.pool;
         if self.pd && allow_pd {
-            let r = p.pd.route(req, eps, &prep.facts, now, rng)?;
+            let r = match p.prefill_rate.get() {
+                Some(rate) => {
+                    p.pd.with_prefill_rate(rate)
+                        .route(req, eps, &prep.facts, now, rng)?
+                }
+                None => p.pd.route(req, eps, &prep.facts, now, rng)?,
+            };
             let prefill = match r.decision.choice {
                 PdChoice::Disaggregated { prefill } => Some(prefill),
                 PdChoice::Colocated => None,
             };
             return Ok(Decided {
-                index: r.decode.choice.index,
+                index: r.destination(),
                 prefill,
                 how: How::Pd(Box::new(r)),
             });
@@ -413,6 +440,21 @@ impl CacheView {
         }
         if let (Some(s), Some(id)) = (&prep.session, self.ids.get(d.index)) {
             p.sessions.lock().record(s, id, now);
+        }
+        if let How::Pd(r) = &d.how
+            && r.decision.choice == PdChoice::Colocated
+        {
+            metrics
+                .pd_declined
+                .get_or_create(&DeclinedLabel {
+                    reason: r.decision.reason.as_str(),
+                    on: if r.decision.on_prefill_pod.is_some() {
+                        "prefill"
+                    } else {
+                        "decode"
+                    },
+                })
+                .inc();
         }
     }
 
@@ -516,6 +558,7 @@ impl LazyDecision {
                     PdChoice::Disaggregated { prefill } => Some(name(prefill)),
                     PdChoice::Colocated => None,
                 },
+                on_prefill_pod: p.decision.on_prefill_pod.map(|(i, _)| name(i)),
                 prefill_candidates: p.prefill.as_ref().map_or_else(Vec::new, |r| {
                     self.prefill_profile.explain(
                         &self.req,

@@ -1,20 +1,36 @@
-//! P/D decider: serve a request colocated on its decode pod, or disaggregated (prefill pod -> KV transfer -> decode).
+//! P/D decider: serve a request colocated, or disaggregated (prefill pod -> KV transfer -> decode pod).
 //!
-//! Decode-first, as llm-d's `disagg-profile-handler`: the decode profile ([`Profile::decode`], kv + active-request)
-//! picks the decode pod; then the base rule of llm-d's `prefix-based-pd-decider` reads that pod's prefix match and
-//! goes on only if the **uncached suffix >= `non_cached_tokens`** (0 disables P/D; llm-d's samples use 16 or 8) and the
-//! prompt has at least `min_prompt_tokens`. The prefill profile ([`Profile::prefill`], prefix + queue + token-load,
-//! gated against herding) then picks a prefill pod, and a TTFT model compares the two paths:
+//! Decode-first, as llm-d's `disagg-profile-handler`: the decode profile ([`Profile::decode`]: prefix, kv,
+//! active-request) picks the decode pod; then the base rule of llm-d's `prefix-based-pd-decider` reads that pod's
+//! prefix match and goes on only if the **uncached suffix >= `non_cached_tokens`** (0 disables P/D) and the prompt has
+//! at least `min_prompt_tokens`. The prefill profile ([`Profile::prefill`], prefix + queue + token-load, gated
+//! against herding) then picks a prefill pod, and a TTFT model compares the two paths:
 //!
 //! ```text
-//! colocated    = wait(decode) + prefill(prompt - matched(decode))
-//! disaggregated = wait(prefill) + prefill(prompt - matched(prefill)) + transfer(prompt) + decode_step
-//! transfer(n)  = 26 ms + 4.25 us x n       (the sim's NIXL peer-pull model, fit to llm-d's timings)
+//! colocated     = wait(decode) + prefill(prompt - matched(decode))
+//! disaggregated = wait(prefill) + prefill(prompt - matched(prefill)) + transfer(prompt - matched(decode)) + decode_step
+//! transfer(n)   = 26 ms + 4.25 us x n       (the sim's NIXL peer-pull model, fit to llm-d's timings)
 //! ```
 //!
-//! with `wait`/`prefill` from the shared [`CostModel`]. P/D is never chosen when `disaggregated > colocated +
-//! ttft_margin_s` (default 100 ms: the TTFT weir will trade for keeping long prefills off decode pods; llm-d accepts
-//! "slightly higher TTFT" for the same reason). An overloaded prefill pool therefore falls back to colocated.
+//! with `wait`/`prefill` from the shared [`CostModel`]. The decode pod pulls only the blocks it lacks (vLLM's NIXL
+//! connector reads remote blocks after its local prefix hits), hence `prompt - matched(decode)`. P/D is declined
+//! when `disaggregated > colocated + ttft_margin_s`: the margin is the TTFT weir pays to keep a long prefill off a
+//! decode pod, where it would stall every running decode for the whole prefill (an 8k-token prompt on an H100 8B
+//! pod: a ~230 ms step instead of a ~15-25 ms one). The default, 0.5 s, is about two such prefills: P/D is kept
+//! while the prefill pool has a short queue, and declined once that queue holds more than that, so an overloaded
+//! prefill pool falls back to colocated serving instead of queueing without bound.
+//!
+//! `non_cached_tokens` defaults to 512, not llm-d's sample value 16: a prefill of fewer uncached tokens costs the
+//! decode pod's batch about one decode step (512 tokens on an H100 8B pod add ~7-12 ms to a ~15-25 ms step), while
+//! P/D would add a second HTTP leg and a KV pull of at least 26 ms to the request's TTFT. Follow-up turns whose
+//! history the decode pod already caches therefore stay colocated there.
+//!
+//! **Where a declined request runs.** On the decode pod, unless a prefill pod predicts a TTFT better by more than
+//! one decode step (`decode_step_s`): prefill pods are vLLM engines that serve plain requests too, and a P/D pool
+//! that kept every declined request on its decode pods would serve a short-prompt load with half its pods, so its
+//! TTFT would trail a colocated fleet of the same size. A busy prefill pod (queued prefill legs) predicts a long
+//! wait and is not chosen; an idle one that holds the prompt's prefix is. `colocate_on_prefill: false` keeps every
+//! request on the decode pod (llm-d's behaviour).
 
 use std::time::Instant;
 
@@ -24,7 +40,7 @@ use super::load_gate::{CostModel, LoadGate};
 use super::prefix::RequestFacts;
 use super::profile::{Profile, Routed};
 use super::{NoEligibleEndpoint, RequestView};
-use crate::endpoint::EndpointView;
+use crate::endpoint::{EndpointView, Role};
 
 /// P/D knobs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,20 +55,24 @@ pub struct PdConfig {
     pub transfer_base_s: f64,
     /// KV pull cost per prompt token, seconds.
     pub transfer_per_token_s: f64,
-    /// One decode step on the decode pod after the pull (the first token), seconds.
+    /// One decode step on the decode pod after the pull (the first token), seconds; also the TTFT a prefill pod must
+    /// save over the decode pod before a declined request is served there.
     pub decode_step_s: f64,
+    /// Whether a declined request may be served on a prefill pod that predicts a better TTFT (see the module docs).
+    pub colocate_on_prefill: bool,
     pub cost: CostModel,
 }
 
 impl Default for PdConfig {
     fn default() -> Self {
         Self {
-            non_cached_tokens: 16,
+            non_cached_tokens: 512,
             min_prompt_tokens: 0,
-            ttft_margin_s: 0.1,
+            ttft_margin_s: 0.5,
             transfer_base_s: 0.026,
             transfer_per_token_s: 4.25e-6,
             decode_step_s: 0.015,
+            colocate_on_prefill: true,
             cost: CostModel::default(),
         }
     }
@@ -106,13 +126,17 @@ pub struct PdDecision {
     pub colocated_ttft_s: f64,
     /// Predicted TTFT through the prefill pod, when one was considered.
     pub disaggregated_ttft_s: Option<f64>,
+    /// Declined and served whole on this prefill pod instead of the decode pod, with its predicted TTFT.
+    pub on_prefill_pod: Option<(usize, f64)>,
 }
 
 impl PdDecision {
     /// Predicted TTFT of the chosen path.
     pub fn predicted_ttft_s(&self) -> f64 {
         match self.choice {
-            PdChoice::Colocated => self.colocated_ttft_s,
+            PdChoice::Colocated => self
+                .on_prefill_pod
+                .map_or(self.colocated_ttft_s, |(_, t)| t),
             PdChoice::Disaggregated { .. } => {
                 self.disaggregated_ttft_s.unwrap_or(self.colocated_ttft_s)
             }
@@ -155,6 +179,7 @@ impl PdConfig {
             reason,
             colocated_ttft_s: colocated,
             disaggregated_ttft_s: disagg,
+            on_prefill_pod: None,
         };
         if let Some(r) = self.precheck(prompt_tokens, decode_matched_tokens) {
             return colo(r, None);
@@ -163,7 +188,7 @@ impl PdConfig {
             return colo(PdReason::NoPrefillPod, None);
         };
         let disagg = self.cost.ttft_s(p, prompt_tokens, p_matched)
-            + self.transfer_s(prompt_tokens)
+            + self.transfer_s(prompt_tokens.saturating_sub(decode_matched_tokens))
             + self.decode_step_s;
         if disagg > colocated + self.ttft_margin_s {
             return colo(PdReason::TtftWorse, Some(disagg));
@@ -173,7 +198,38 @@ impl PdConfig {
             reason: PdReason::Disaggregate,
             colocated_ttft_s: colocated,
             disaggregated_ttft_s: Some(disagg),
+            on_prefill_pod: None,
         }
+    }
+
+    /// Where a declined request runs: the available prefill pod with the lowest predicted TTFT for the whole prompt,
+    /// if that beats `colocated_ttft_s` (the decode pod's) by more than one decode step; `None` keeps it on the
+    /// decode pod. Never for [`PdReason::Disabled`] (no P/D at all: the pool serves as llm-d's decode profile picks).
+    pub fn place_declined(
+        &self,
+        decision: &PdDecision,
+        prompt_tokens: u32,
+        eps: &[EndpointView],
+        facts: &RequestFacts,
+    ) -> Option<(usize, f64)> {
+        if !self.colocate_on_prefill
+            || decision.choice != PdChoice::Colocated
+            || decision.reason == PdReason::Disabled
+        {
+            return None;
+        }
+        eps.iter()
+            .filter(|e| e.available && e.role == Role::Prefill)
+            .map(|e| {
+                let t = self.cost.ttft_s(
+                    e,
+                    prompt_tokens,
+                    facts.matched_tokens(e.index, prompt_tokens),
+                );
+                (e.index, t)
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .filter(|&(_, t)| t + self.decode_step_s < decision.colocated_ttft_s)
     }
 }
 
@@ -198,14 +254,38 @@ impl Default for PdRouter {
 /// Result of P/D routing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PdRouted {
-    /// The decode pod (the request's destination either way).
+    /// The decode profile's pick: the destination, unless a declined request was placed on a prefill pod.
     pub decode: Routed,
     /// The prefill pick, when the prefill profile ran.
     pub prefill: Option<Routed>,
     pub decision: PdDecision,
 }
 
+impl PdRouted {
+    /// Pool index that serves the request (and streams its answer).
+    pub fn destination(&self) -> usize {
+        match (self.decision.choice, self.decision.on_prefill_pod) {
+            (PdChoice::Colocated, Some((p, _))) => p,
+            _ => self.decode.choice.index,
+        }
+    }
+}
+
 impl PdRouter {
+    /// This router with the cost model's prefill throughput set to `tokens_per_s` (the decider's and both profiles'
+    /// gates), e.g. the rate the router measured on its prefill legs.
+    pub fn with_prefill_rate(&self, tokens_per_s: f64) -> Self {
+        let mut r = self.clone();
+        r.cfg.cost.prefill_tokens_per_s = tokens_per_s;
+        for g in [&mut r.decode.gate, &mut r.prefill.gate]
+            .into_iter()
+            .flatten()
+        {
+            g.cost.prefill_tokens_per_s = tokens_per_s;
+        }
+        r
+    }
+
     /// Picks the decode pod, then decides whether and where to prefill remotely.
     pub fn route(
         &self,
@@ -221,7 +301,8 @@ impl PdRouter {
         let d_view = eps.iter().find(|e| e.index == d).copied().unwrap_or(eps[0]);
         let d_matched = facts.matched_tokens(d, prompt);
         if self.cfg.precheck(prompt, d_matched).is_some() {
-            let decision = self.cfg.decide(prompt, &d_view, d_matched, None);
+            let mut decision = self.cfg.decide(prompt, &d_view, d_matched, None);
+            decision.on_prefill_pod = self.cfg.place_declined(&decision, prompt, eps, facts);
             return Ok(PdRouted {
                 decode,
                 prefill: None,
@@ -232,12 +313,13 @@ impl PdRouter {
         let p_view = prefill
             .as_ref()
             .and_then(|r| eps.iter().find(|e| e.index == r.choice.index));
-        let decision = self.cfg.decide(
+        let mut decision = self.cfg.decide(
             prompt,
             &d_view,
             d_matched,
             p_view.map(|p| (p, facts.matched_tokens(p.index, prompt))),
         );
+        decision.on_prefill_pod = self.cfg.place_declined(&decision, prompt, eps, facts);
         Ok(PdRouted {
             decode,
             prefill,
@@ -252,14 +334,15 @@ mod tests {
     use crate::endpoint::{Role, ScrapedLoad};
     use crate::testkit::{Seeded, now};
 
-    fn ep(index: usize, role: Role, in_flight_tokens: u64) -> EndpointView {
+    /// An endpoint with `backlog` uncached prompt tokens in flight before their first token.
+    fn ep(index: usize, role: Role, backlog: u64) -> EndpointView {
         EndpointView {
             index,
             role,
             available: true,
             in_flight: 0,
-            in_flight_tokens,
-            prefill_tokens: in_flight_tokens,
+            in_flight_tokens: backlog,
+            prefill_tokens: backlog,
             scraped: Some(ScrapedLoad {
                 waiting: 0,
                 running: 0,
@@ -353,5 +436,101 @@ mod tests {
             .route(&req, &eps, &facts(vec![], 625), now(), &mut Seeded(1))
             .unwrap();
         assert_eq!(r.decision.reason, PdReason::NoPrefillPod);
+    }
+
+    #[test]
+    fn the_kv_pull_covers_only_what_the_decode_pod_lacks() {
+        let cfg = PdConfig::default();
+        let (p, d) = (ep(0, Role::Prefill, 0), ep(1, Role::Decode, 0));
+        // 8,192-token prompt, 6,144 tokens already cached on the decode pod (and on the prefill pod).
+        let r = cfg.decide(8_192, &d, 6_144, Some((&p, 6_144)));
+        assert_eq!(r.choice, PdChoice::Disaggregated { prefill: 0 });
+        let expect = cfg.cost.prefill_s(2_048) + cfg.transfer_s(2_048) + cfg.decode_step_s;
+        let got = r.disaggregated_ttft_s.unwrap();
+        assert!((got - expect).abs() < 1e-9, "{got} vs {expect}");
+        assert!(
+            got < cfg.cost.prefill_s(2_048) + cfg.transfer_s(8_192) + cfg.decode_step_s,
+            "the cached 6,144 tokens are not pulled again"
+        );
+    }
+
+    #[test]
+    fn the_margin_keeps_pd_through_a_short_prefill_queue_and_declines_a_long_one() {
+        let req = RequestView {
+            prompt_tokens: 8_192,
+            max_tokens: Some(512),
+        };
+        let route = |prefill_backlog: u64| {
+            let eps = [
+                ep(0, Role::Prefill, prefill_backlog),
+                ep(1, Role::Decode, 0),
+            ];
+            PdRouter::default()
+                .route(&req, &eps, &facts(vec![], 512), now(), &mut Seeded(3))
+                .unwrap()
+                .decision
+        };
+        // One 4k-token prefill queued (~0.26 s at the default 15,928 tokens/s): still P/D.
+        assert_eq!(route(4_096).reason, PdReason::Disaggregate);
+        // Two 8k-token prefills queued (~1 s): P/D would cost more than the 0.5 s margin.
+        let d = route(16_384);
+        assert_eq!(d.reason, PdReason::TtftWorse);
+        assert!(d.disaggregated_ttft_s.unwrap() > d.colocated_ttft_s + 0.5);
+    }
+
+    #[test]
+    fn a_declined_request_may_run_on_an_idle_prefill_pod_that_holds_its_prefix() {
+        let req = RequestView {
+            prompt_tokens: 8_256,
+            max_tokens: Some(256),
+        };
+        // A follow-up turn: its 8,192-token history is cached on decode pod 1 and prefill pod 0; 64 tokens are new.
+        let f = facts(vec![512, 512, 0], 516);
+        let route = |eps: &[EndpointView]| {
+            PdRouter::default()
+                .route(&req, eps, &f, now(), &mut Seeded(5))
+                .unwrap()
+        };
+        // Both idle: served colocated on the decode pod (no TTFT gain from moving).
+        let idle = [
+            ep(0, Role::Prefill, 0),
+            ep(1, Role::Decode, 0),
+            ep(2, Role::Prefill, 0),
+        ];
+        let r = route(&idle);
+        assert_eq!(r.decision.reason, PdReason::ShortUncached);
+        assert_eq!(r.decision.on_prefill_pod, None);
+        assert_eq!(r.destination(), 1);
+        // The decode pod has 8k tokens of declined prefills queued: the idle prefill pod holding the prefix serves
+        // it, not the idle one without it.
+        let busy_decode = [
+            ep(0, Role::Prefill, 0),
+            ep(1, Role::Decode, 8_192),
+            ep(2, Role::Prefill, 0),
+        ];
+        let r = route(&busy_decode);
+        assert_eq!(r.decision.choice, PdChoice::Colocated);
+        assert_eq!(r.destination(), 0, "{r:?}");
+        let (_, t) = r.decision.on_prefill_pod.unwrap();
+        assert!((r.decision.predicted_ttft_s() - t).abs() < 1e-12);
+        // Unless the pool keeps declined requests on decode pods (llm-d's behaviour).
+        let keep = PdRouter {
+            cfg: PdConfig {
+                colocate_on_prefill: false,
+                ..PdConfig::default()
+            },
+            ..PdRouter::default()
+        };
+        let r = keep
+            .route(&req, &busy_decode, &f, now(), &mut Seeded(5))
+            .unwrap();
+        assert_eq!((r.destination(), r.decision.on_prefill_pod), (1, None));
+        // A prefill pod with its own queue is no better: the request stays on the decode pod.
+        let busy_prefill = [
+            ep(0, Role::Prefill, 16_384),
+            ep(1, Role::Decode, 8_192),
+            ep(2, Role::Prefill, 16_384),
+        ];
+        assert_eq!(route(&busy_prefill).destination(), 1);
     }
 }
