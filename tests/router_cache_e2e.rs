@@ -11,7 +11,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{
-    MODEL, Weir, client, endpoint_id, eventually, get_text, metric, metric_sum, post_routed, scrape,
+    MODEL, Weir, client, endpoint_id, eventually, get_text, metric, metric_sum, post_routed,
+    prefix_blocks, scrape,
 };
 use serde_json::{Value, json};
 
@@ -159,16 +160,7 @@ async fn precise_index_follows_kv_events_of_requests_sent_around_the_router() {
     eventually(
         Duration::from_secs(20),
         "router index sees pod 1's blocks",
-        async || {
-            let v: Value =
-                serde_json::from_str(&get_text(&format!("{}/debug/prefix", r.url())).await)
-                    .unwrap();
-            v["pools"][0]["endpoints"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|e| e["id"] == pod1.as_str() && e["blocks"].as_u64().unwrap_or(0) > 20)
-        },
+        async || prefix_blocks(r.url(), &pod1).await > 20,
     )
     .await;
     for i in 0..3 {

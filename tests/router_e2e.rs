@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Weir, client, endpoint_id, eventually, get_text, metric_sum, post_json_full, run_weir,
-    send_json, sse_data,
+    Weir, client, endpoint_id, eventually, get_text, metric_sum, post_json_full, prefix_blocks,
+    run_weir, send_json, sse_data,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -450,19 +450,11 @@ async fn kv_event_publisher_announced_by_a_pod_annotation_feeds_the_precise_inde
     let body = json!({"model": "m", "prompt": prompt, "max_tokens": 1});
     let (st, _, text) = post_json_full(&format!("{}/v1/completions", s.url()), &body, &[]).await;
     assert_eq!(st, 200, "{text}");
-    let prefix = format!("{}/debug/prefix", r.url());
     let id = format!("vllm-0:{port}");
     eventually(
         Duration::from_secs(20),
         "the router's precise index to hold the pod's blocks",
-        async || {
-            let v: Value = serde_json::from_str(&get_text(&prefix).await).unwrap();
-            v["pools"][0]["endpoints"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|e| e["id"] == id.as_str() && e["blocks"].as_u64().unwrap_or(0) > 20)
-        },
+        async || prefix_blocks(r.url(), &id).await > 20,
     )
     .await;
     let _ = std::fs::remove_file(cfg);

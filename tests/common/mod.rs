@@ -16,7 +16,7 @@
 //! - HTTP helpers: [`post_json`] (status + body), [`post_json_full`] (+ headers), [`send_json`] (the raw response,
 //!   for streams), [`post_routed`] (+ the router's `x-weir-endpoint` / `x-weir-decision-id`, JSON body),
 //!   [`get_text`], [`get_status`], [`scrape`] (`/metrics` text); [`client`] for anything else; [`endpoint_id`] (the
-//!   router's id of a pod URL).
+//!   router's id of a pod URL); [`prefix_blocks`] (a pod's blocks in the router's prefix index).
 //! - Parsing helpers: [`metric`] (first sample of a series), [`metric_sum`] (sum of the samples whose labels contain
 //!   a filter), [`sse_data`] / [`sse_json`] (the `data:` payloads of an SSE body).
 //! - [`eventually`]: poll an async condition until it holds or a limit passes (tests never sleep to wait).
@@ -513,6 +513,21 @@ pub async fn get_status(url: &str) -> u16 {
 /// `GET <base>/metrics`: the Prometheus text.
 pub async fn scrape(base: &str) -> String {
     get_text(&format!("{base}/metrics")).await
+}
+
+/// How many blocks `weir serve` at `router` holds for endpoint `id` in its prefix index (`GET /debug/prefix`, first
+/// pool); 0 when the endpoint is not listed.
+pub async fn prefix_blocks(router: &str, id: &str) -> u64 {
+    let url = format!("{router}/debug/prefix");
+    let v: Value = serde_json::from_str(&get_text(&url).await)
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"));
+    v["pools"][0]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["id"] == id)
+        .and_then(|e| e["blocks"].as_u64())
+        .unwrap_or(0)
 }
 
 /// The labels (`{..}`, or "" without any) and value of each sample line of series `name` (exact name).
