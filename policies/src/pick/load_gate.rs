@@ -24,6 +24,10 @@
 //! imbalanced in the peers' sense (routing-and-scheduling.md §8): its outstanding requests exceed the least-loaded
 //! candidate's by more than 4 and by more than 2 times.
 //!
+//! The backlog counts only prefill work, so a burst of hits with short suffixes never looks slow on the holder, yet
+//! every one of them joins its decode batch: a holder more than 8 requests (and 2x) above the least-loaded candidate
+//! loses its hit whatever the cost test says (sglang/vllm-router's rule is the same shape with 64 and 1.5x).
+//!
 //! Defaults: `prefill_tokens_per_s` 15,928 (llm-d's token-aware estimate), `queued_request_s` 10 ms (about one engine
 //! step per queued request), `margin_s` 0.1 s (llm-d's unstick threshold is 18 s, which lets queues grow far longer),
 //! imbalance 4 requests and 2x (sglang/vllm-router use 64 and 1.5, which lets a burst queue 64 deep on one pod; under
@@ -103,6 +107,10 @@ impl LoadGate {
     pub const IMBALANCE_ABS: u64 = 4;
     /// Ratio by which a holder's outstanding requests must exceed the least-loaded candidate's (same reason).
     pub const IMBALANCE_REL: f64 = 2.0;
+    /// Outstanding requests by which an (imbalanced) holder must exceed the least-loaded candidate to lose its hit
+    /// even when the cost test keeps it: its prefill backlog may be short (a burst of hits with tiny suffixes), but
+    /// every one of those requests then decodes in its batch.
+    pub const OVERLOAD_ABS: u64 = 8;
 
     /// The prompt length the cost model uses: the router's estimate, but never less than the hashed full blocks.
     pub fn prompt_tokens(req: &RequestView, facts: &RequestFacts) -> u32 {
@@ -110,9 +118,10 @@ impl LoadGate {
             .max(facts.total_blocks.saturating_mul(facts.block_size))
     }
 
-    /// Zeroes the prefix match of every hit holder whose predicted TTFT is more than `margin_s` worse than the best
-    /// available candidate's and whose outstanding requests are imbalanced against the least-loaded available
-    /// candidate's ([`Self::IMBALANCE_ABS`], [`Self::IMBALANCE_REL`]). Unavailable endpoints are ignored.
+    /// Zeroes the prefix match of every hit holder whose outstanding requests are imbalanced against the
+    /// least-loaded available candidate's ([`Self::IMBALANCE_ABS`], [`Self::IMBALANCE_REL`]) and that either predicts
+    /// a TTFT more than `margin_s` worse than the best available candidate's or is overloaded
+    /// ([`Self::OVERLOAD_ABS`] more requests than the least-loaded). Unavailable endpoints are ignored.
     pub fn apply(
         &self,
         req: &RequestView,
@@ -147,13 +156,15 @@ impl LoadGate {
             load.saturating_sub(least) > Self::IMBALANCE_ABS
                 && load as f64 > Self::IMBALANCE_REL * least as f64
         };
+        let overloaded =
+            |e: &EndpointView| e.outstanding().saturating_sub(least) > Self::OVERLOAD_ABS;
         let over: Vec<usize> = eps
             .iter()
             .filter(|e| {
                 e.available
                     && facts.matched(e.index) > 0
-                    && ttft(e) > best + self.margin_s
                     && imbalanced(e)
+                    && (ttft(e) > best + self.margin_s || overloaded(e))
             })
             .map(|e| e.index)
             .collect();
@@ -253,5 +264,32 @@ mod tests {
         let eps = [busy(0, 80, 10 * 7_400), eps[1], eps[2]];
         let g = LoadGate::default().apply(&req, &eps, &mut f);
         assert_eq!(g.gated, vec![(0, 375)]);
+    }
+
+    /// A burst of hits with short suffixes: the holder's prefill backlog stays small, so only the overload rule can
+    /// spread it, once the holder is more than 8 requests (and 2x) above the least-loaded pod.
+    #[test]
+    fn a_burst_of_short_hits_spreads_once_the_holder_is_overloaded() {
+        let req = RequestView {
+            prompt_tokens: 4_100,
+            max_tokens: Some(150),
+        };
+        let holder = |in_flight: u32| EndpointView {
+            in_flight,
+            prefill_tokens: 4_100 + u64::from(in_flight) * 10,
+            ..ep(0, 0)
+        };
+        let gated = |in_flight: u32| {
+            let mut f = facts(vec![256, 0, 0]);
+            !LoadGate::default()
+                .apply(&req, &[holder(in_flight), ep(1, 0), ep(2, 0)], &mut f)
+                .gated
+                .is_empty()
+        };
+        assert!(
+            !gated(8),
+            "8 outstanding vs 0 is within the overload margin"
+        );
+        assert!(gated(9));
     }
 }
