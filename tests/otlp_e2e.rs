@@ -322,3 +322,124 @@ async fn request_spans_reach_the_collector_linked_to_caller_and_backend() {
     assert_eq!((third[1], third[3]), (UNSAMPLED_TRACE, "00"), "{seen:?}");
     assert_ne!(third[2], PARENT);
 }
+
+/// A disaggregated request: the prefill leg is its own `prefill` span beside the decode leg's `upstream` span, and
+/// each pod's `traceparent` names its leg's span. Prefill and decode pods are separate `weir sim` processes behind
+/// taps (the KV handshake between them goes direct); the trace reaches the collector through the default batch delay
+/// this time (no SIGTERM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pd_legs_are_spans_and_each_pod_gets_its_legs_traceparent() {
+    let collector = Collector::default();
+    let otlp = collector.start().await;
+    let prefill = Weir::sim_at("10", &["--jitter", "0", "--role", "prefill"]).await;
+    let decode = Weir::sim_at("10", &["--jitter", "0", "--role", "decode"]).await;
+    let (p_url, p_seen) = start_tap(prefill.url()).await;
+    let (d_url, d_seen) = start_tap(decode.url()).await;
+    let backend = format!("{MODEL}={p_url},{d_url}");
+    let (rp, rd) = (format!("{p_url}=prefill"), format!("{d_url}=decode"));
+    let serve = Weir::start_env(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            &backend,
+            "--policy",
+            "cache-aware",
+            "--role",
+            &rp,
+            "--role",
+            &rd,
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", otlp.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .ready()
+    .await;
+    let prompt =
+        "Summarise the history of distributed inference systems in great detail. ".repeat(450);
+    let resp = client()
+        .post(format!("{}/v1/completions", serve.url()))
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 16, "ignore_eos": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 16, "{body}");
+
+    let names = ["POST /v1/completions", "pick", "prefill", "upstream"];
+    eventually(
+        Duration::from_secs(20),
+        "the P/D trace at the collector",
+        async || {
+            let spans = collector.spans();
+            names
+                .iter()
+                .all(|n| spans.iter().any(|(_, s)| s.name == *n))
+        },
+    )
+    .await;
+    let spans: Vec<Span> = collector
+        .spans()
+        .into_iter()
+        .map(|(svc, s)| {
+            assert_eq!(svc, "weir", "default service name");
+            s
+        })
+        .collect();
+    let one = |name: &str| -> &Span {
+        let v: Vec<&Span> = spans.iter().filter(|s| s.name == name).collect();
+        assert_eq!(v.len(), 1, "{name}: {spans:?}");
+        v[0]
+    };
+    let (server, pick, pre, up) = (one(names[0]), one(names[1]), one(names[2]), one(names[3]));
+    let (p_id, d_id) = (
+        p_url.trim_start_matches("http://"),
+        d_url.trim_start_matches("http://"),
+    );
+    assert_eq!(hex(&server.parent_span_id), PARENT);
+    for child in [pick, pre, up] {
+        assert_eq!(hex(&child.trace_id), TRACE);
+        assert_eq!(child.parent_span_id, server.span_id, "{child:?}");
+    }
+    assert_eq!(
+        str_attr(&pick.attributes, "weir.prefill_endpoint").as_deref(),
+        Some(p_id)
+    );
+    assert_eq!(
+        str_attr(&pick.attributes, "weir.endpoint").as_deref(),
+        Some(d_id)
+    );
+    assert_eq!(
+        str_attr(&pre.attributes, "weir.endpoint").as_deref(),
+        Some(p_id)
+    );
+    assert_eq!(pre.kind, SpanKind::Client as i32);
+    assert_eq!(
+        str_attr(&up.attributes, "weir.endpoint").as_deref(),
+        Some(d_id)
+    );
+    assert_eq!(
+        str_attr(&server.attributes, "weir.decision_id"),
+        str_attr(&server.attributes, "weir.request_id")
+    );
+    assert!(
+        pre.end_time_unix_nano <= up.start_time_unix_nano,
+        "decode after prefill"
+    );
+
+    let p_seen = p_seen.lock().clone();
+    let d_seen = d_seen.lock().clone();
+    assert_eq!(
+        p_seen,
+        vec![Some(format!("00-{TRACE}-{}-01", hex(&pre.span_id)))]
+    );
+    assert_eq!(
+        d_seen,
+        vec![Some(format!("00-{TRACE}-{}-01", hex(&up.span_id)))]
+    );
+}

@@ -98,7 +98,8 @@ fn resource() -> Resource {
     let detected = Resource::builder().build();
     let named = detected
         .get(&opentelemetry::Key::from_static_str("service.name"))
-        .is_some_and(|v| v.as_str() != "unknown_service");
+        // The SDK's fallback is `unknown_service:<executable>`.
+        .is_some_and(|v| !v.as_str().starts_with("unknown_service"));
     let b = Resource::builder().with_attribute(version);
     if named {
         b.build()
