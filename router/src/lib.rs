@@ -22,6 +22,7 @@ pub mod snapshot;
 pub mod sse;
 pub mod state;
 pub mod telemetry;
+pub mod upstream;
 
 use std::sync::Arc;
 

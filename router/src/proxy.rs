@@ -260,25 +260,39 @@ pub fn traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
         use rand_core::RngCore;
         (r.next_u64(), r.next_u64(), r.next_u64() | 1)
     });
-    let parsed = incoming.and_then(|v| v.to_str().ok()).and_then(|s| {
-        let parts: Vec<&str> = s.split('-').collect();
-        let ok = parts.len() == 4
-            && parts[0].len() == 2
-            && parts[0] != "ff"
-            && parts[1].len() == 32
-            && parts[2].len() == 16
-            && parts[3].len() == 2
-            && parts
-                .iter()
-                .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
-            && parts[1] != "00000000000000000000000000000000";
-        ok.then(|| (parts[1].to_string(), parts[3].to_string()))
-    });
-    let (trace, flags) =
-        parsed.unwrap_or_else(|| (format!("{hi:016x}{lo:016x}"), "01".to_string()));
-    HeaderValue::from_str(&format!("00-{trace}-{span:016x}-{flags}")).unwrap_or(
-        HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-01"),
-    )
+    // `00-<trace id: 32 hex>-<span id: 16 hex>-<flags: 2 hex>`, built in place (this runs once per attempt).
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    match incoming
+        .map(HeaderValue::as_bytes)
+        .filter(|b| valid_traceparent(b))
+    {
+        Some(b) => {
+            out[3..35].copy_from_slice(&b[3..35]);
+            out[53..55].copy_from_slice(&b[53..55]);
+        }
+        None => {
+            crate::app::hex_into(hi, &mut out[3..19]);
+            crate::app::hex_into(lo, &mut out[19..35]);
+        }
+    }
+    crate::app::hex_into(span, &mut out[36..52]);
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(
+        "00-00000000000000000000000000000001-0000000000000001-01",
+    ))
+}
+
+/// `version-traceid-parentid-flags` with the W3C lengths, hex digits, a version other than `ff` and a non-zero trace
+/// id.
+fn valid_traceparent(b: &[u8]) -> bool {
+    b.len() == 55
+        && b[2] == b'-'
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && &b[..2] != b"ff"
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| matches!(i, 2 | 35 | 52) || c.is_ascii_hexdigit())
+        && b[3..35].iter().any(|&c| c != b'0')
 }
 
 /// Releases the router's own counts for one endpoint attempt, and the breaker's half-open probe if no verdict came.
@@ -438,11 +452,11 @@ pub fn translate_upstream_error(status: StatusCode, body: &[u8]) -> ApiError {
     }
 }
 
-async fn collect_limited(
-    body: hyper::body::Incoming,
-    limit: usize,
-    idle: Duration,
-) -> Result<Bytes, String> {
+async fn collect_limited<B>(body: B, limit: usize, idle: Duration) -> Result<Bytes, String>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     match tokio::time::timeout(idle, Limited::new(body, limit).collect()).await {
         Ok(Ok(c)) => Ok(c.to_bytes()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -455,6 +469,16 @@ fn usage_of(body: &[u8]) -> Option<Usage> {
     struct P {
         #[serde(default)]
         usage: Option<Usage>,
+    }
+    // Fast path: vLLM puts `usage` after `choices`, so its last `"usage":` is the top-level key (inside a JSON string
+    // the quotes would be escaped); read just that object instead of the whole body.
+    if let Some(at) =
+        memchr::memrchr_iter(b'"', body).find(|&i| body[i..].starts_with(b"\"usage\":"))
+    {
+        let mut de = serde_json::Deserializer::from_slice(&body[at + 8..]);
+        if let Ok(u) = Usage::deserialize(&mut de) {
+            return Some(u);
+        }
     }
     serde_json::from_slice::<P>(body).ok().and_then(|p| p.usage)
 }
@@ -835,11 +859,9 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         );
         let trace = crate::telemetry::upstream_traceparent(&up_span, headers.get("traceparent"));
 
-        let mut rb = Request::builder().method(Method::POST).uri(format!(
-            "http://{}{}",
-            ep.authority,
-            api.path()
-        ));
+        let mut rb = Request::builder()
+            .method(Method::POST)
+            .uri(hyper::Uri::from_static(api.path()));
         if let Some(h) = rb.headers_mut() {
             h.reserve(headers.len() + 3);
             for (k, v) in &headers {
@@ -859,7 +881,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
             h.insert(HeaderName::from_static("traceparent"), trace);
         }
-        let req = match rb.body(Full::new(send_body)) {
+        let req = match rb.body(send_body) {
             Ok(r) => r,
             Err(e) => {
                 att.verdict = true;
@@ -873,7 +895,8 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             }
         };
 
-        let resp = match tokio::time::timeout(cfg.first_byte, app.client.request(req)).await {
+        let sent = app.upstream.send(ep.authority.as_str(), req);
+        let resp = match tokio::time::timeout(cfg.first_byte, sent).await {
             Err(_) => {
                 att.failure(tokio::time::Instant::now().into_std());
                 span_failed(&up_span, "timeout", &"no response head in time");
@@ -1204,6 +1227,24 @@ mod tests {
     }
 
     #[test]
+    fn usage_is_read_from_the_top_level_key() {
+        let body = br#"{"id":"c","choices":[{"index":0,"text":"say \"usage\":{\"prompt_tokens\":9}"}],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2,"prompt_tokens_details":null},"kv_transfer_params":null}"#;
+        let want = Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 2,
+        });
+        assert_eq!(usage_of(body), want);
+        // A `usage` the fast path cannot read falls back to the whole-body parse.
+        assert_eq!(
+            usage_of(br#"{"choices":[],"usage" : {"prompt_tokens":3,"completion_tokens":2}}"#),
+            want
+        );
+        assert_eq!(usage_of(br#"{"choices":[],"usage":null}"#), None);
+        assert_eq!(usage_of(br#"{"choices":[]}"#), None);
+        assert_eq!(usage_of(b"not json"), None);
+    }
+
+    #[test]
     fn traceparent_keeps_trace_id_or_makes_one() {
         let inc =
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
@@ -1211,8 +1252,30 @@ mod tests {
         let s = out.to_str().unwrap();
         assert!(s.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(!s.contains("00f067aa0ba902b7"));
-        let made = traceparent(Some(&HeaderValue::from_static("garbage")));
-        let parts: Vec<&str> = made.to_str().unwrap().split('-').collect();
-        assert_eq!((parts.len(), parts[1].len(), parts[2].len()), (4, 32, 16));
+        assert!(s.ends_with("-01"));
+        for bad in [
+            "garbage",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-010",
+        ] {
+            let made = traceparent(Some(&HeaderValue::from_static(bad)));
+            let s = made.to_str().unwrap();
+            let parts: Vec<&str> = s.split('-').collect();
+            assert_eq!(
+                (
+                    parts.len(),
+                    parts[0],
+                    parts[1].len(),
+                    parts[2].len(),
+                    parts[3]
+                ),
+                (4, "00", 32, 16, "01"),
+                "{bad} -> {s}"
+            );
+            assert!(!bad.contains(parts[1]), "{bad} -> {s}");
+            assert!(s.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));
+        }
     }
 }
