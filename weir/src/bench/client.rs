@@ -1,4 +1,4 @@
-//! The HTTP side of the load generator: a pooled hyper client, the OpenAI request body for a [`RequestSpec`], and
+//! The HTTP side of the load generator: a pooled HTTP/1.1 client, the OpenAI request body for a [`RequestSpec`], and
 //! one timed request that reads the SSE stream as it arrives. Nothing here is weir-specific: any OpenAI-compatible
 //! server or router (vLLM, vllm-router, sglang-router, weir) is measured the same way.
 
@@ -46,7 +46,18 @@ pub struct Target {
 /// The pooled client type.
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-/// A pooled HTTP/1 client that opens as many connections as there are requests in flight.
+/// The client of the measured requests: the router's own lean HTTP/1.1 client ([`router::upstream`]), pooled, as
+/// many connections as requests in flight. On a shared machine the load generator's CPU per request competes with
+/// the server under test; this one costs about half of hyper's pooled client per tiny request.
+pub type LoadClient = router::upstream::Upstream;
+
+/// See [`LoadClient`].
+pub fn load_client(connect_timeout: Duration) -> LoadClient {
+    router::upstream::Upstream::new(connect_timeout)
+}
+
+/// A pooled HTTP/1 client that opens as many connections as there are requests in flight (metrics scrapes, model
+/// discovery).
 pub fn http_client(connect_timeout: Duration) -> HttpClient {
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
@@ -56,46 +67,89 @@ pub fn http_client(connect_timeout: Duration) -> HttpClient {
         .build(conn)
 }
 
+/// A chat message of the request body.
+#[derive(serde::Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+/// `stream_options` of a streaming request body.
+#[derive(serde::Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// The request body, serialized straight from borrowed fields (the load generator's own CPU per request competes
+/// with the server under test on a shared machine, so it is kept small).
+#[derive(serde::Serialize)]
+struct BodyOut<'a> {
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<std::borrow::Cow<'a, str>>,
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ignore_eos: bool,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
 /// The JSON body for one request.
 pub fn body(t: &Target, spec: &RequestSpec) -> Vec<u8> {
-    let mut b = serde_json::Map::new();
-    b.insert("model".into(), t.model.clone().into());
-    match t.api {
+    let (messages, prompt) = match t.api {
         Api::Chat => {
             let mut msgs = Vec::with_capacity(2);
             if let Some(sys) = &spec.system {
-                msgs.push(serde_json::json!({"role": "system", "content": &**sys}));
+                msgs.push(Message {
+                    role: "system",
+                    content: sys,
+                });
             }
-            msgs.push(serde_json::json!({"role": "user", "content": spec.user}));
-            b.insert("messages".into(), msgs.into());
+            msgs.push(Message {
+                role: "user",
+                content: &spec.user,
+            });
+            (Some(msgs), None)
         }
         Api::Completions => {
             let prompt = match &spec.system {
-                Some(sys) => format!("{sys}{}", spec.user),
-                None => spec.user.clone(),
+                Some(sys) => std::borrow::Cow::Owned(format!("{sys}{}", spec.user)),
+                None => std::borrow::Cow::Borrowed(spec.user.as_str()),
             };
-            b.insert("prompt".into(), prompt.into());
+            (None, Some(prompt))
         }
-    }
-    b.insert("max_tokens".into(), spec.max_tokens.into());
-    if t.ignore_eos {
-        b.insert("ignore_eos".into(), true.into());
-    }
-    b.insert("stream".into(), t.stream.into());
-    if t.stream {
-        b.insert(
-            "stream_options".into(),
-            serde_json::json!({"include_usage": true}),
-        );
-    }
-    serde_json::to_vec(&serde_json::Value::Object(b)).unwrap_or_default()
+    };
+    let b = BodyOut {
+        model: &t.model,
+        messages,
+        prompt,
+        max_tokens: spec.max_tokens,
+        ignore_eos: t.ignore_eos,
+        stream: t.stream,
+        stream_options: t.stream.then_some(StreamOptions {
+            include_usage: true,
+        }),
+    };
+    serde_json::to_vec(&b).unwrap_or_default()
+}
+
+/// What the load generator reads from a non-streaming response.
+#[derive(serde::Deserialize)]
+struct Answer {
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+    #[serde(default)]
+    usage: Option<sse::Usage>,
 }
 
 /// Send one request and measure it; `start` is its offset from the start of the run. Never fails: errors are
 /// recorded by kind.
 /// `prompt_tokens` is the workload's count, used when the server reports no usage.
 pub async fn send(
-    client: &HttpClient,
+    client: &LoadClient,
     t: &Target,
     body: Vec<u8>,
     start: f64,
@@ -120,22 +174,27 @@ pub async fn send(
 }
 
 async fn exchange(
-    client: &HttpClient,
+    client: &LoadClient,
     t: &Target,
     body: Vec<u8>,
     sent: Instant,
     rec: &mut RequestRecord,
 ) -> Result<(), String> {
+    // Plain HTTP/1.1 only (no TLS), like every server this measures on loopback or in-cluster.
+    let authority = match (t.uri.scheme_str(), t.uri.authority()) {
+        (Some("http") | None, Some(a)) => a.as_str(),
+        _ => return Err("unsupported_url".into()),
+    };
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(t.uri.clone())
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(Bytes::from(body))
         .map_err(|_| "bad_request".to_string())?;
     for (k, v) in &t.headers {
         req.headers_mut().append(k.clone(), v.clone());
     }
-    let resp = client.request(req).await.map_err(|e| {
+    let resp = client.send(authority, req).await.map_err(|e| {
         if e.is_connect() {
             "connect".to_string()
         } else {
@@ -160,15 +219,12 @@ async fn exchange(
             .map_err(|_| "transport".to_string())?
             .to_bytes();
         let at = sent.elapsed().as_secs_f64();
-        let v: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|_| "bad_response".to_string())?;
-        if let Some(e) = v.get("error") {
+        let a: Answer = serde_json::from_slice(&bytes).map_err(|_| "bad_response".to_string())?;
+        if let Some(e) = &a.error {
             tracing::debug!(error = %sse::error_message(e), "error body with 2xx status");
             return Err("response_error".into());
         }
-        let usage = v
-            .get("usage")
-            .and_then(|u| serde_json::from_value::<sse::Usage>(u.clone()).ok());
+        let usage = a.usage;
         rec.ttft = Some(at);
         rec.output_tokens = usage.map_or(0, |u| u.completion_tokens);
         rec.prompt_tokens = usage.map_or(0, |u| u.prompt_tokens);

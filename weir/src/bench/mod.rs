@@ -24,7 +24,7 @@ use rand_distr::{Distribution, Exp};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
-use client::{HttpClient, Target};
+use client::{HttpClient, LoadClient, Target};
 use report::{Report, RequestRecord, ServerHistogram, Slo};
 use workload::{Generator, RequestSpec, TraceBuilder, TraceEntry};
 
@@ -97,7 +97,7 @@ impl Specs {
 
 /// Shared state of a running benchmark.
 struct Run {
-    client: HttpClient,
+    client: LoadClient,
     target: Target,
     specs: Mutex<Specs>,
     records: mpsc::UnboundedSender<RequestRecord>,
@@ -144,7 +144,7 @@ pub async fn run(plan: Plan) -> Report {
     let rng = SmallRng::seed_from_u64(plan.seed);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let run = Arc::new(Run {
-        client: client::http_client(plan.target.timeout.min(Duration::from_secs(10))),
+        client: client::load_client(plan.target.timeout.min(Duration::from_secs(10))),
         target: plan.target.clone(),
         specs: Mutex::new(Specs {
             source: plan.source,
