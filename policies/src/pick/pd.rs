@@ -3,8 +3,8 @@
 //! Decode-first, as llm-d's `disagg-profile-handler`: the decode profile ([`Profile::decode`]: prefix, kv,
 //! active-request) picks the decode pod; then the base rule of llm-d's `prefix-based-pd-decider` reads that pod's
 //! prefix match and goes on only if the **uncached suffix >= `non_cached_tokens`** (0 disables P/D) and the prompt has
-//! at least `min_prompt_tokens`. The prefill profile ([`Profile::prefill`], prefix + queue + token-load, gated
-//! against herding) then picks a prefill pod, and a TTFT model compares the two paths:
+//! at least `min_prompt_tokens`. The prefill profile ([`Profile::prefill`], prefix + token-load, gated against
+//! herding) then picks a prefill pod, and a TTFT model compares the two paths:
 //!
 //! ```text
 //! colocated     = wait(decode) + prefill(prompt - matched(decode))

@@ -8,7 +8,7 @@
 //! path does not pay for it when records are off.
 //!
 //! Presets (weights configurable): [`Weights::llm_d`] queue 2, kv 2, prefix 3 (GIE v1.5 / llm-d's chart);
-//! [`Weights::prefill`] prefix 3, queue 2, token-load 2; [`Weights::decode`] prefix 3, kv 1, active-request 1 (the
+//! [`Weights::prefill`] prefix 3, token-load 2; [`Weights::decode`] prefix 3, kv 1, active-request 1 (the
 //! prefix term sends a follow-up turn to the decode pod that already holds its history, which the P/D decider then
 //! serves colocated there). Zero-weight scorers are not run.
 
@@ -55,11 +55,14 @@ impl Weights {
         }
     }
 
-    /// Prefill pool: cache hits, short queues, little in-flight prompt work.
+    /// Prefill pool: cache hits, then the least in-flight prompt work. No scraped `queue`: a prefill leg is this
+    /// router's own request until it answers, so its in-flight tokens are the pod's backlog, exact and fresh, while
+    /// a scrape is up to one interval (100 ms) old; with 8k-token prompts at 12 req/s that is more than one arrival
+    /// per interval, and a max-score pick on a stale queue sends each of them to the same pod.
     pub fn prefill() -> Self {
         Self {
             prefix: 3.0,
-            queue: 2.0,
+            queue: 0.0,
             kv: 0.0,
             token_load: 2.0,
             active_request: 0.0,
