@@ -4,6 +4,8 @@
 //! with the decode pod having pulled the prompt's KV instead of computing it; a follow-up turn whose history the
 //! decode pod already caches is declined and served there. (Prefill-failure fallback: `router_cache_e2e`.)
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use common::{MODEL, Weir, endpoint_id, get_text, metric, metric_sum, scrape, send_json, sse_data};
