@@ -12,13 +12,15 @@
 //! transfer(n)   = 26 ms + 4.25 us x n       (the sim's NIXL peer-pull model, fit to llm-d's timings)
 //! ```
 //!
-//! with `wait`/`prefill` from the shared [`CostModel`]. The decode pod pulls only the blocks it lacks (vLLM's NIXL
-//! connector reads remote blocks after its local prefix hits), hence `prompt - matched(decode)`. P/D is declined
-//! when `disaggregated > colocated + ttft_margin_s`: the margin is the TTFT weir pays to keep a long prefill off a
-//! decode pod, where it would stall every running decode for the whole prefill (an 8k-token prompt on an H100 8B
-//! pod: a ~230 ms step instead of a ~15-25 ms one). The default, 0.5 s, is about two such prefills: P/D is kept
-//! while the prefill pool has a short queue, and declined once that queue holds more than that, so an overloaded
-//! prefill pool falls back to colocated serving instead of queueing without bound.
+//! with `wait`/`prefill` from the shared [`CostModel`] (the router swaps in the prefill rate it measures on its own
+//! prefill legs, [`PdRouter::with_prefill_rate`], so these are the pods' seconds, not a configured guess; `wait` is a
+//! pod's prefill backlog, the uncached prompt tokens of requests still before their first token). The decode pod
+//! pulls only the blocks it lacks (vLLM's NIXL connector reads remote blocks after its local prefix hits), hence
+//! `prompt - matched(decode)`. P/D is declined when `disaggregated > colocated + ttft_margin_s`: the margin is the
+//! TTFT weir pays to keep a long prefill off a decode pod, where it would stall every running decode for the whole
+//! prefill (an 8k-token prompt on an H100 8B pod: a ~230 ms step instead of a ~15-25 ms one). The default, 0.5 s, is
+//! about two such prefills: P/D is kept while the prefill pool has a short queue, and declined once that queue holds
+//! more than that, so an overloaded prefill pool falls back to colocated serving instead of queueing without bound.
 //!
 //! `non_cached_tokens` defaults to 512, not llm-d's sample value 16: a prefill of fewer uncached tokens costs the
 //! decode pod's batch about one decode step (512 tokens on an H100 8B pod add ~7-12 ms to a ~15-25 ms step), while
