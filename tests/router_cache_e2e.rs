@@ -90,7 +90,12 @@ async fn shared_system_prompt_sticks_to_one_pod_and_decisions_are_recorded() {
         .collect();
     assert_eq!(
         scorers,
-        BTreeSet::from(["prefix-cache", "queue", "kv-cache-utilization"])
+        BTreeSet::from([
+            "prefix-cache",
+            "queue",
+            "kv-cache-utilization",
+            "prefill-backlog"
+        ])
     );
     assert!(picked_row["prefix_blocks"].as_u64().unwrap() > 20);
     assert!(rec["predicted_ttft_ms"].as_f64().is_some());

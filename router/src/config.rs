@@ -16,7 +16,7 @@
 //!       - {url: http://10.0.0.4:8000, role: decode}
 //!     policy:
 //!       kind: precise-prefix         # cache-aware = approximate index from routing history; precise = KV events
-//!       weights: {prefix: 3, queue: 2, kv: 2, token_load: 0, active_request: 0, session: 0}
+//!       weights: {prefix: 3, queue: 2, kv: 2, token_load: 0, active_request: 0, session: 0, prefill_backlog: 2}
 //!       load_gate: {margin: 100ms, prefill_tokens_per_s: 15928}   # or `load_gate: off`
 //!       session_affinity: true       # x-session-id keeps a conversation on its pod (session weight 1 if unset)
 //!       pd: {non_cached_tokens: 512, min_prompt_tokens: 0, ttft_margin: 500ms, colocate_on_prefill: true}
@@ -218,6 +218,7 @@ pub struct RawWeights {
     pub token_load: Option<f64>,
     pub active_request: Option<f64>,
     pub session: Option<f64>,
+    pub prefill_backlog: Option<f64>,
 }
 
 /// The anti-herding load gate: `off`, or thresholds.
@@ -757,7 +758,7 @@ fn validate_cache_aware(
         tokenizer,
         block_size,
     } = raw;
-    let d = Weights::llm_d();
+    let d = Weights::default();
     let w = weights.unwrap_or_default();
     let session_affinity = session_affinity.unwrap_or(false);
     let weights = Weights {
@@ -778,6 +779,11 @@ fn validate_cache_aware(
             &format!("{f}.weights.session"),
             w.session,
             if session_affinity { 1.0 } else { 0.0 },
+        )?,
+        prefill_backlog: weight(
+            &format!("{f}.weights.prefill_backlog"),
+            w.prefill_backlog,
+            d.prefill_backlog,
         )?,
     };
     let gate = match load_gate {
@@ -1182,7 +1188,7 @@ scrape: {interval: 50ms}
         ] {
             let c = RawConfig::from_yaml(&format!(
                 "pools: [{{name: a, endpoints: [http://127.0.0.1:1], policy: {{kind: {kind}, \
-                 weights: {{prefix: 5}}, load_gate: off, session_affinity: true, pd: {{non_cached_tokens: 0}}, \
+                 weights: {{prefix: 5, prefill_backlog: 0.5}}, load_gate: off, session_affinity: true, pd: {{non_cached_tokens: 0}}, \
                  block_size: 32}}}}]"
             ))
             .unwrap()
@@ -1193,6 +1199,12 @@ scrape: {interval: 50ms}
             };
             assert_eq!(ca.index, index, "{kind}");
             assert_eq!(ca.weights.prefix, 5.0, "{kind}");
+            assert_eq!(ca.weights.prefill_backlog, 0.5, "{kind}");
+            assert_eq!(
+                ca.weights.queue,
+                Weights::weir().queue,
+                "{kind}: unset weights keep the default"
+            );
             assert_eq!(
                 ca.weights.session, 1.0,
                 "{kind}: session_affinity sets weight 1"

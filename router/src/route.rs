@@ -621,10 +621,11 @@ pub fn describe(cfg: &CacheAwareConfig) -> String {
         token_load,
         active_request,
         session,
+        prefill_backlog,
     } = cfg.weights;
     format!(
         "{} prefix={prefix} queue={queue} kv={kv} token_load={token_load} active_request={active_request} \
-         session={session} gate={} pd_non_cached_tokens={}",
+         session={session} prefill_backlog={prefill_backlog} gate={} pd_non_cached_tokens={}",
         match cfg.index {
             IndexKind::Approximate => "cache-aware",
             IndexKind::Precise => "precise-prefix",

@@ -7,7 +7,8 @@
 //! decision-record rows (raw and weighted score per scorer, which filter dropped whom); it is separate so the hot
 //! path does not pay for it when records are off.
 //!
-//! Presets (weights configurable): [`Weights::llm_d`] queue 2, kv 2, prefix 3 (GIE v1.5 / llm-d's chart);
+//! Presets (weights configurable): [`Weights::weir`] (the default) prefix 3, queue 2, kv 2, prefill-backlog 2;
+//! [`Weights::llm_d`] queue 2, kv 2, prefix 3 (GIE v1.5 / llm-d's chart);
 //! [`Weights::prefill`] prefix 3, token-load 2; [`Weights::decode`] prefix 3, kv 1, active-request 1 (the
 //! prefix term sends a follow-up turn to the decode pod that already holds its history, which the P/D decider then
 //! serves colocated there). Zero-weight scorers are not run.
@@ -19,7 +20,9 @@ use rand_core::RngCore;
 use super::active_request::ActiveRequest;
 use super::load_gate::{GateOutcome, LoadGate};
 use super::prefix::{PrefixCache, RequestFacts};
-use super::scorers::{Available, DecodeCapable, KvCacheUtilization, Queue, TokenLoad};
+use super::scorers::{
+    Available, DecodeCapable, KvCacheUtilization, PrefillBacklog, Queue, TokenLoad,
+};
 use super::session::SessionAffinity;
 use super::{Choice, Filter, NoEligibleEndpoint, Picker, Pipeline, RequestView, Weighted};
 use crate::decision::{CandidateRecord, ScoreRecord};
@@ -40,6 +43,8 @@ pub struct Weights {
     pub active_request: f64,
     /// `session-affinity`.
     pub session: f64,
+    /// `prefill-backlog` (weir's own: fresh uncached-prompt backlog per pod).
+    pub prefill_backlog: f64,
 }
 
 impl Weights {
@@ -52,6 +57,18 @@ impl Weights {
             token_load: 0.0,
             active_request: 0.0,
             session: 0.0,
+            prefill_backlog: 0.0,
+        }
+    }
+
+    /// weir's default for aggregated serving: llm-d's weights plus `prefill-backlog` 2. llm-d's `queue` and
+    /// `kv-cache-utilization` read scrapes up to one interval old, so every miss arriving within an interval scores
+    /// the same pod best (llm-d lost to request-count balancing in bursts for this reason); the router's own backlog
+    /// count moves at every pick.
+    pub fn weir() -> Self {
+        Self {
+            prefill_backlog: 2.0,
+            ..Self::llm_d()
         }
     }
 
@@ -67,6 +84,7 @@ impl Weights {
             token_load: 2.0,
             active_request: 0.0,
             session: 0.0,
+            prefill_backlog: 0.0,
         }
     }
 
@@ -79,13 +97,14 @@ impl Weights {
             token_load: 0.0,
             active_request: 1.0,
             session: 0.0,
+            prefill_backlog: 0.0,
         }
     }
 }
 
 impl Default for Weights {
     fn default() -> Self {
-        Self::llm_d()
+        Self::weir()
     }
 }
 
@@ -138,7 +157,7 @@ impl Profile {
         Self {
             name: "default",
             role: RoleFilter::DecodeCapable,
-            weights: Weights::llm_d(),
+            weights: Weights::weir(),
             gate: Some(LoadGate::default()),
         }
     }
@@ -186,6 +205,7 @@ impl Profile {
         push(w.queue, Box::new(Queue));
         push(w.kv, Box::new(KvCacheUtilization));
         push(w.token_load, Box::new(TokenLoad));
+        push(w.prefill_backlog, Box::new(PrefillBacklog));
         push(w.active_request, Box::new(ActiveRequest));
         push(
             w.session,

@@ -7,6 +7,10 @@
 //! - `running-requests`: min-max over scraped `num_requests_running`; stale scores 0.
 //! - `kv-cache-utilization`: `1 - kv_usage`; stale scores 0.
 //! - `token-load`: `1 - min(1, in_flight_tokens / 4,194,304)` (llm-d: 128 requests x 32K tokens).
+//! - `prefill-backlog`: `1 / (1 + prefill_tokens / 8,192)`: the router's own count of uncached prompt tokens still
+//!   before their first token on the pod. Fresh at pick time (a scrape is up to one interval old, and a burst of
+//!   misses arriving within one interval would all see the same "idle" pod), and on a scale where one 8k-token
+//!   prefill costs half the score, unlike `token-load`'s 4M-token cap.
 
 use std::time::Instant;
 
@@ -132,6 +136,24 @@ impl Scorer for TokenLoad {
     }
 }
 
+/// Backlog at which `prefill-backlog` scores 0.5: one step's worth of prefill at vLLM's default token budget.
+pub const PREFILL_BACKLOG_SCALE: f64 = 8_192.0;
+
+/// Prefers endpoints with less prefill work queued by this router (weir's own scorer).
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillBacklog;
+
+impl Scorer for PrefillBacklog {
+    fn name(&self) -> &'static str {
+        "prefill-backlog"
+    }
+    fn score(&self, _req: &RequestView, eps: &[EndpointView], _now: Instant, out: &mut [f64]) {
+        for (slot, e) in out.iter_mut().zip(eps) {
+            *slot = 1.0 / (1.0 + e.prefill_tokens as f64 / PREFILL_BACKLOG_SCALE);
+        }
+    }
+}
+
 /// A filter by its config name.
 pub fn filter_by_name(name: &str) -> Option<Box<dyn Filter>> {
     match name {
@@ -149,6 +171,7 @@ pub fn scorer_by_name(name: &str) -> Option<Box<dyn Scorer>> {
         "running-requests" => Some(Box::new(RunningRequests)),
         "kv-cache-utilization" => Some(Box::new(KvCacheUtilization)),
         "token-load" => Some(Box::new(TokenLoad)),
+        "prefill-backlog" => Some(Box::new(PrefillBacklog)),
         _ => None,
     }
 }
@@ -206,6 +229,18 @@ mod tests {
     }
 
     #[test]
+    fn prefill_backlog_halves_at_one_budget_and_prefers_the_idle_pod() {
+        let mut eps = [ep(Some(0), 0.0), ep(Some(0), 0.0), ep(Some(0), 0.0)];
+        eps[1].prefill_tokens = 8_192;
+        eps[2].prefill_tokens = 1_200;
+        let mut out = [0.0; 3];
+        PrefillBacklog.score(&RequestView::default(), &eps, now(), &mut out);
+        assert_eq!(out[0], 1.0);
+        assert_eq!(out[1], 0.5);
+        assert!(out[2] < 1.0 && out[2] > 0.85, "{out:?}");
+    }
+
+    #[test]
     fn names_resolve() {
         for n in [
             "least-requests",
@@ -213,6 +248,7 @@ mod tests {
             "running-requests",
             "kv-cache-utilization",
             "token-load",
+            "prefill-backlog",
         ] {
             assert_eq!(scorer_by_name(n).map(|s| s.name()), Some(n));
         }
