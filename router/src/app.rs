@@ -121,6 +121,10 @@ impl AppState {
 
     /// Counts one answered request.
     pub fn count(&self, model: &Arc<str>, status: u16) {
+        if status == 200 {
+            self.metrics.model(model).ok.inc();
+            return;
+        }
         self.metrics
             .requests
             .get_or_create(&ModelStatus {

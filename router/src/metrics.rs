@@ -119,6 +119,23 @@ pub struct Metrics {
     pub endpoint_in_flight: Family<EndpointLabel, Gauge>,
     pub route_share: Family<RouteLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub retry_budget_exhausted: Counter,
+    /// Per-model handles of the series every request touches ([`Metrics::model`]).
+    per_model: Arc<parking_lot::RwLock<Vec<Arc<ModelSeries>>>>,
+}
+
+/// The series of one client model that every request updates, resolved once: a request then bumps shared atomics
+/// instead of hashing a label set and locking a family per update (seven times per request).
+#[derive(Debug)]
+pub struct ModelSeries {
+    pub model: Arc<str>,
+    pub in_flight: Gauge,
+    pub e2e: Histogram,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    /// `requests{status="200"}`.
+    pub ok: Counter,
+    pub prompt_tokens: Counter,
+    pub completion_tokens: Counter,
 }
 
 /// A histogram family with fixed buckets.
@@ -162,6 +179,7 @@ impl Metrics {
             endpoint_in_flight: Family::default(),
             route_share: Family::default(),
             retry_budget_exhausted: Counter::default(),
+            per_model: Arc::default(),
         };
         let r = reg.sub_registry_with_prefix("weir");
         r.register(
@@ -234,6 +252,51 @@ impl Metrics {
             "Retries skipped because the retry budget was spent",
             m.retry_budget_exhausted.clone(),
         );
+        m
+    }
+
+    /// The per-request series of `model` (a route name or the `other` bucket: a bounded set), created on first use.
+    pub fn model(&self, model: &Arc<str>) -> Arc<ModelSeries> {
+        let find = |v: &[Arc<ModelSeries>]| {
+            v.iter()
+                .find(|m| Arc::ptr_eq(&m.model, model) || m.model == *model)
+                .cloned()
+        };
+        if let Some(m) = find(&self.per_model.read()) {
+            return m;
+        }
+        let mut w = self.per_model.write();
+        if let Some(m) = find(&w) {
+            return m;
+        }
+        let label = ModelLabel {
+            model: model.clone().into(),
+        };
+        let tokens = |kind| {
+            self.tokens
+                .get_or_create(&ModelTokens {
+                    model: model.clone().into(),
+                    kind,
+                })
+                .clone()
+        };
+        let m = Arc::new(ModelSeries {
+            model: model.clone(),
+            in_flight: self.in_flight.get_or_create(&label).clone(),
+            e2e: self.e2e.get_or_create(&label).clone(),
+            ttft: self.ttft.get_or_create(&label).clone(),
+            itl: self.itl.get_or_create(&label).clone(),
+            ok: self
+                .requests
+                .get_or_create(&ModelStatus {
+                    model: model.clone().into(),
+                    status: 200,
+                })
+                .clone(),
+            prompt_tokens: tokens(TokenKind::Prompt),
+            completion_tokens: tokens(TokenKind::Completion),
+        });
+        w.push(m.clone());
         m
     }
 }

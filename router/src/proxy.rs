@@ -22,9 +22,7 @@ use policies::pick::RequestView;
 use serde::Deserialize;
 
 use crate::app::{AppState, error_response, with_rng};
-use crate::metrics::{
-    EndpointLabel, ModelLabel, ModelTokens, RetryReason, StreamOutcome, TokenKind,
-};
+use crate::metrics::{EndpointLabel, ModelSeries, RetryReason, StreamOutcome};
 use crate::route::{CacheView, PdLabel, Prepared};
 use crate::snapshot::{EndpointSnapshot, Pool};
 use crate::sse::{SseScanner, StreamCtx, Usage, proxy_stream};
@@ -339,35 +337,23 @@ impl Drop for Attempt {
 /// Counts a request as active (retry budget, in-flight gauge) and observes its end-to-end time when dropped.
 pub struct RequestGuard {
     app: Arc<AppState>,
-    model: Arc<str>,
+    series: Arc<ModelSeries>,
     start: tokio::time::Instant,
 }
 
 impl RequestGuard {
-    pub fn new(app: Arc<AppState>, model: Arc<str>, start: tokio::time::Instant) -> Self {
+    pub fn new(app: Arc<AppState>, series: Arc<ModelSeries>, start: tokio::time::Instant) -> Self {
         app.active_requests.fetch_add(1, Ordering::Relaxed);
-        app.metrics
-            .in_flight
-            .get_or_create(&ModelLabel {
-                model: model.clone().into(),
-            })
-            .inc();
-        Self { app, model, start }
+        series.in_flight.inc();
+        Self { app, series, start }
     }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.app.active_requests.fetch_sub(1, Ordering::Relaxed);
-        let l = ModelLabel {
-            model: self.model.clone().into(),
-        };
-        self.app.metrics.in_flight.get_or_create(&l).dec();
-        self.app
-            .metrics
-            .e2e
-            .get_or_create(&l)
-            .observe(self.start.elapsed().as_secs_f64());
+        self.series.in_flight.dec();
+        self.series.e2e.observe(self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -632,7 +618,8 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         return error_response(&e, &request_id, None);
     };
     let model = route.name.clone();
-    let guard = RequestGuard::new(app.clone(), model.clone(), start);
+    let series = app.metrics.model(&model);
+    let guard = RequestGuard::new(app.clone(), series.clone(), start);
     let target = if route.targets.len() == 1 {
         route.targets[0]
     } else {
@@ -997,8 +984,8 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             let ctx = StreamCtx {
                 scanner: SseScanner::new(inject_usage),
                 idle: cfg.idle,
-                model: model.clone(),
-                metrics: app.metrics.clone(),
+                series: series.clone(),
+                outcomes: app.metrics.stream_outcomes.clone(),
                 start,
                 guards: Box::new(guard),
                 // Holds the attempt span, which so covers the whole stream and closes when it ends.
@@ -1063,20 +1050,8 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
                 req_span.record("weir.ttft_ms", ms);
             }
             if let Some(u) = usage_of(&bytes) {
-                app.metrics
-                    .tokens
-                    .get_or_create(&ModelTokens {
-                        model: model.clone().into(),
-                        kind: TokenKind::Prompt,
-                    })
-                    .inc_by(u.prompt_tokens);
-                app.metrics
-                    .tokens
-                    .get_or_create(&ModelTokens {
-                        model: model.clone().into(),
-                        kind: TokenKind::Completion,
-                    })
-                    .inc_by(u.completion_tokens);
+                series.prompt_tokens.inc_by(u.prompt_tokens);
+                series.completion_tokens.inc_by(u.completion_tokens);
             }
             app.count(&model, status.as_u16());
             return out

@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use crate::metrics::{ModelLabel, ModelOutcome, ModelTokens, StreamOutcome, TokenKind};
+use crate::metrics::{ModelOutcome, ModelSeries, StreamOutcome};
 
 /// Token usage reported by the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -167,8 +169,10 @@ pub fn error_event(message: &str, kind: &str, code: &str) -> Bytes {
 pub struct StreamCtx {
     pub scanner: SseScanner,
     pub idle: Duration,
-    pub model: Arc<str>,
-    pub metrics: crate::metrics::Metrics,
+    /// The client model's per-request series (TTFT, ITL, tokens).
+    pub series: Arc<ModelSeries>,
+    /// `weir_stream_outcomes`, counted once when the stream ends.
+    pub outcomes: Family<ModelOutcome, Counter>,
     /// When the request arrived, for TTFT.
     pub start: tokio::time::Instant,
     /// Dropped when the stream ends or the client goes away: releases in-flight counts.
@@ -197,26 +201,17 @@ impl<B> Drop for StreamState<B> {
             f(outcome);
         }
         self.ctx
-            .metrics
-            .stream_outcomes
+            .outcomes
             .get_or_create(&ModelOutcome {
-                model: self.ctx.model.clone().into(),
+                model: self.ctx.series.model.clone().into(),
                 outcome,
             })
             .inc();
         if let Some(u) = self.ctx.scanner.usage {
-            let m = &self.ctx.metrics;
-            m.tokens
-                .get_or_create(&ModelTokens {
-                    model: self.ctx.model.clone().into(),
-                    kind: TokenKind::Prompt,
-                })
-                .inc_by(u.prompt_tokens);
-            m.tokens
-                .get_or_create(&ModelTokens {
-                    model: self.ctx.model.clone().into(),
-                    kind: TokenKind::Completion,
-                })
+            self.ctx.series.prompt_tokens.inc_by(u.prompt_tokens);
+            self.ctx
+                .series
+                .completion_tokens
                 .inc_by(u.completion_tokens);
         }
     }
@@ -252,22 +247,17 @@ where
                     let (out, stats) = st.ctx.scanner.push_bytes(data);
                     if stats.token_events > 0 {
                         let now = tokio::time::Instant::now();
-                        let label = ModelLabel {
-                            model: st.ctx.model.clone().into(),
-                        };
                         match st.last_event {
                             None => st
                                 .ctx
-                                .metrics
+                                .series
                                 .ttft
-                                .get_or_create(&label)
                                 .observe(now.duration_since(st.ctx.start).as_secs_f64()),
                             Some(prev) => {
                                 let gap = now.duration_since(prev).as_secs_f64()
                                     / f64::from(stats.token_events);
-                                let h = st.ctx.metrics.itl.get_or_create(&label);
                                 for _ in 0..stats.token_events {
-                                    h.observe(gap);
+                                    st.ctx.series.itl.observe(gap);
                                 }
                             }
                         }
