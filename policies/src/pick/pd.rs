@@ -535,4 +535,28 @@ mod tests {
         ];
         assert_eq!(route(&busy_prefill).destination(), 1);
     }
+
+    #[test]
+    fn the_measured_prefill_rate_sets_what_a_queued_prefill_costs() {
+        let req = RequestView {
+            prompt_tokens: 8_192,
+            max_tokens: Some(512),
+        };
+        // One 8k-token prefill queued on the only prefill pod.
+        let eps = [ep(0, Role::Prefill, 8_192), ep(1, Role::Decode, 0)];
+        let f = facts(vec![], 512);
+        let route = |r: &PdRouter| {
+            r.route(&req, &eps, &f, now(), &mut Seeded(9))
+                .unwrap()
+                .decision
+        };
+        // At the configured 15,928 tokens/s the queued prefill reads as 0.51 s: past the margin.
+        assert_eq!(route(&PdRouter::default()).reason, PdReason::TtftWorse);
+        // At an H100's measured ~35,600 tokens/s it is 0.23 s: P/D.
+        let h100 = PdRouter::default().with_prefill_rate(35_600.0);
+        assert_eq!(route(&h100).reason, PdReason::Disaggregate);
+        for g in [h100.decode.gate, h100.prefill.gate].into_iter().flatten() {
+            assert_eq!(g.cost.prefill_tokens_per_s, 35_600.0);
+        }
+    }
 }
