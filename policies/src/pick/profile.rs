@@ -216,7 +216,9 @@ impl Profile {
         v
     }
 
-    /// Prefix matches after the gate (a copy; `facts` is untouched).
+    /// Prefix matches after the gate (a copy; `facts` is untouched). The gate compares a holder with the candidates
+    /// this profile may pick, not the whole pool: in a P/D pool an idle prefill pod holding the same prefix would
+    /// otherwise make every decode holder look slow and imbalanced, and the decode profile would drop its hit.
     fn gated(
         &self,
         req: &RequestView,
@@ -226,7 +228,15 @@ impl Profile {
         match &self.gate {
             Some(g) if self.weights.prefix > 0.0 => {
                 let mut f = facts.clone();
-                let out = g.apply(req, eps, &mut f);
+                let role = self.role_filter();
+                let out = match role {
+                    Some(r) if !eps.iter().all(|e| r.keep(req, e)) => {
+                        let mine: Vec<EndpointView> =
+                            eps.iter().filter(|e| r.keep(req, e)).copied().collect();
+                        g.apply(req, &mine, &mut f)
+                    }
+                    _ => g.apply(req, eps, &mut f),
+                };
                 (f.matched, out)
             }
             _ => (facts.matched.clone(), GateOutcome::default()),
@@ -420,6 +430,41 @@ mod tests {
             1,
             "without the gate the prefix herds onto one pod"
         );
+    }
+
+    /// weir issue 6: in a P/D pool the decode profile's gate saw the idle prefill pod that had prefilled a document
+    /// (same prefix, no backlog, nothing outstanding) and dropped the decode pod's hit on every follow-up question,
+    /// which then went to a decode pod without the document and was disaggregated again.
+    #[test]
+    fn the_gate_compares_a_holder_with_the_profiles_own_candidates() {
+        let mut eps = pool(4);
+        eps[0].role = Role::Prefill;
+        for (i, e) in eps.iter_mut().enumerate().skip(1) {
+            e.role = Role::Decode;
+            e.in_flight = 12 + i as u32;
+            e.scraped = Some(ScrapedLoad {
+                waiting: 12,
+                running: 12,
+                kv_usage: 0.4,
+                age_ms: 10,
+            });
+        }
+        // Prefill pod 0 and decode pod 2 hold the 8,128-token document; the prompt adds 128 tokens.
+        let facts = RequestFacts {
+            matched: vec![508, 0, 508, 0],
+            total_blocks: 516,
+            block_size: 16,
+            session_pod: None,
+        };
+        let req = RequestView {
+            prompt_tokens: 8_256,
+            max_tokens: Some(256),
+        };
+        let d = Profile::decode()
+            .decide(&req, &eps, &facts, now(), &mut Seeded(4))
+            .unwrap();
+        assert_eq!(d.choice.index, 2, "{d:?}");
+        assert!(d.gate.gated.is_empty(), "{:?}", d.gate);
     }
 
     #[test]
