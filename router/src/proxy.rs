@@ -58,6 +58,17 @@ impl Api {
             Self::Completions => "/v1/completions",
         }
     }
+
+    /// [`Api::path`] as a request URI, parsed once (cloning it copies no bytes).
+    pub fn uri(self) -> hyper::Uri {
+        static URIS: std::sync::LazyLock<[hyper::Uri; 2]> = std::sync::LazyLock::new(|| {
+            [
+                hyper::Uri::from_static(Api::Chat.path()),
+                hyper::Uri::from_static(Api::Completions.path()),
+            ]
+        });
+        URIS[self as usize].clone()
+    }
 }
 
 /// The fields the router reads from a request body; everything else passes through untouched.
@@ -848,7 +859,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
 
         let mut rb = Request::builder()
             .method(Method::POST)
-            .uri(hyper::Uri::from_static(api.path()));
+            .uri(api.uri());
         if let Some(h) = rb.headers_mut() {
             h.reserve(headers.len() + 3);
             for (k, v) in &headers {
