@@ -377,9 +377,12 @@ struct Head {
 /// bytes (no copy per header).
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
     let invalid = |e: &dyn std::fmt::Display| UpstreamError::Invalid(e.to_string());
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+    // Uninitialised slots: zeroing 100 headers (3.2 KB) per response cost more than the parse.
+    let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(invalid(&e)),
@@ -435,7 +438,11 @@ fn framing(status: StatusCode, headers: &HeaderMap) -> Result<Framing, String> {
     {
         return Ok(Framing::Length(0));
     }
-    if let Some(te) = headers.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+    if let Some(te) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
         let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
         return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             Framing::Chunked(Chunk::Size)
