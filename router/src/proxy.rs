@@ -857,9 +857,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
         );
         let trace = crate::telemetry::upstream_traceparent(&up_span, headers.get("traceparent"));
 
-        let mut rb = Request::builder()
-            .method(Method::POST)
-            .uri(api.uri());
+        let mut rb = Request::builder().method(Method::POST).uri(api.uri());
         if let Some(h) = rb.headers_mut() {
             h.reserve(headers.len() + 3);
             for (k, v) in &headers {
