@@ -451,10 +451,23 @@ async fn kv_event_publisher_announced_by_a_pod_annotation_feeds_the_precise_inde
     let (st, _, text) = post_json_full(&format!("{}/v1/completions", s.url()), &body, &[]).await;
     assert_eq!(st, 200, "{text}");
     let id = format!("vllm-0:{port}");
+    // The router subscribes once discovery has found the pod. Events published before its SUB socket connected
+    // reach it through replay only after a later event shows the gap, so keep filling the pod's cache (new prompts,
+    // still sent around the router) every half second until the index holds them.
+    let mut polls = 0u32;
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         "the router's precise index to hold the pod's blocks",
-        async || prefix_blocks(r.url(), &id).await > 20,
+        async || {
+            polls += 1;
+            if polls.is_multiple_of(25) {
+                let body = json!({"model": "m", "prompt": format!("Round {polls}. {prompt}"), "max_tokens": 1});
+                let (st, _, text) =
+                    post_json_full(&format!("{}/v1/completions", s.url()), &body, &[]).await;
+                assert_eq!(st, 200, "{text}");
+            }
+            prefix_blocks(r.url(), &id).await > 20
+        },
     )
     .await;
     let _ = std::fs::remove_file(cfg);
