@@ -1015,7 +1015,7 @@ pub async fn forward(app: Arc<AppState>, snap: Arc<EndpointSnapshot>, fwd: Forwa
             };
             let stream = proxy_stream(upstream, ctx);
             // The first event ends the pod's prefill of this request (releases its prefill backlog) and is the
-            // measured TTFT. The closure holds the server span, which so lasts until the body is done.
+            // measured TTFT. The closure holds the server span, which so stays open until the stream ends.
             let measure = recorded.is_some() || !req_span.is_disabled();
             let routing = routing.clone();
             let req_span = EndsOnDrop(req_span);
