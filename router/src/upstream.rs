@@ -546,6 +546,12 @@ impl UpstreamBody {
     }
 }
 
+/// Splits off up to `n` bytes of `buf`: the bytes, and how many of `n` are still to come.
+fn take_up_to(buf: &mut BytesMut, n: u64) -> (Bytes, u64) {
+    let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+    (buf.split_to(take).freeze(), n - take as u64)
+}
+
 /// One decoding step over the buffered bytes: data to hand on, or `None` when more input is needed or the body is
 /// complete (then `framing` is [`Framing::Done`]).
 fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Option<Bytes>, UpstreamError> {
@@ -560,12 +566,12 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Option<Bytes>, Up
                 if buf.is_empty() {
                     return Ok(None);
                 }
-                let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                *framing = match n - take as u64 {
+                let (data, left) = take_up_to(buf, n);
+                *framing = match left {
                     0 => Framing::Done,
                     left => Framing::Length(left),
                 };
-                return Ok(Some(buf.split_to(take).freeze()));
+                return Ok(Some(data));
             }
             Framing::UntilClose => {
                 if buf.is_empty() {
@@ -594,12 +600,12 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Option<Bytes>, Up
                 if buf.is_empty() {
                     return Ok(None);
                 }
-                let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                *framing = Framing::Chunked(match n - take as u64 {
+                let (data, left) = take_up_to(buf, n);
+                *framing = Framing::Chunked(match left {
                     0 => Chunk::DataEnd,
                     left => Chunk::Data(left),
                 });
-                return Ok(Some(buf.split_to(take).freeze()));
+                return Ok(Some(data));
             }
             Framing::Chunked(Chunk::DataEnd) => {
                 if buf.len() < 2 {
