@@ -444,30 +444,19 @@ async fn kv_event_publisher_announced_by_a_pod_annotation_feeds_the_precise_inde
     // The pool's policy comes from the config; its endpoints only from Kubernetes.
     let cfg = std::env::temp_dir().join(format!("weir-k8s-kv-{}.yaml", std::process::id()));
     std::fs::write(&cfg, "pools: [{name: m, policy: {kind: precise-prefix}}]\n").unwrap();
-    let r = serve_kubernetes(&api, &port, &["--config", cfg.to_str().unwrap()]).await;
-    // Fill the pod's cache around the router: only its KV events can tell the router.
+    // Fill the pod's cache before the router exists (so before it can subscribe), around it: only the pod's KV events,
+    // replayed when the router subscribes, can tell the router.
     let prompt = "The pod announced its publisher in an annotation. ".repeat(40);
     let body = json!({"model": "m", "prompt": prompt, "max_tokens": 1});
     let (st, _, text) = post_json_full(&format!("{}/v1/completions", s.url()), &body, &[]).await;
     assert_eq!(st, 200, "{text}");
+    let r = serve_kubernetes(&api, &port, &["--config", cfg.to_str().unwrap()]).await;
     let id = format!("vllm-0:{port}");
-    // The router subscribes once discovery has found the pod. Events published before its SUB socket connected
-    // reach it through replay only after a later event shows the gap, so keep filling the pod's cache (new prompts,
-    // still sent around the router) every half second until the index holds them.
-    let mut polls = 0u32;
+    // The pod publishes nothing more: the router must index its cache from the replay it asks for on subscribing.
     eventually(
         Duration::from_secs(30),
         "the router's precise index to hold the pod's blocks",
-        async || {
-            polls += 1;
-            if polls.is_multiple_of(25) {
-                let body = json!({"model": "m", "prompt": format!("Round {polls}. {prompt}"), "max_tokens": 1});
-                let (st, _, text) =
-                    post_json_full(&format!("{}/v1/completions", s.url()), &body, &[]).await;
-                assert_eq!(st, 200, "{text}");
-            }
-            prefix_blocks(r.url(), &id).await > 20
-        },
+        async || prefix_blocks(r.url(), &id).await > 20,
     )
     .await;
     let _ = std::fs::remove_file(cfg);

@@ -2,12 +2,25 @@
 //!
 //! One tokio task per pod owns a SUB socket connected to the pod's publisher (`tcp://<pod>:5557`), subscribed to the
 //! topic prefix `kv@` (llm-d's `kv@<ip>:<port>@<model>`). Each message is `[topic, seq (u64 BE), msgpack batch]`,
-//! decoded with `policies::kv_events`. The pure index classifies `seq`: in order -> apply; a gap (missed batches, or
-//! a first message with `seq > 0` because we joined late) -> fetch `from..seq` from the pod's replay ROUTER socket
-//! with a DEALER (`["", start_seq]` -> `["", seq, payload]`* then `seq = u64::MAX`), apply those in order, then the
-//! current batch; a sequence that goes back (the publisher restarted) -> the index drops the pod's blocks first. A
-//! failed replay is logged and counted, and the live batch is applied anyway (the index is then missing blocks until
-//! they are stored again). No decision arithmetic here: that is `policies::prefix`.
+//! decoded with `policies::kv_events`. Replays go to the pod's replay ROUTER socket through a DEALER (`["", start_seq]`
+//! -> `["", seq, payload]`* then `seq = u64::MAX`).
+//!
+//! On every new subscription (first connect and every reconnect), once the SUB socket is connected and subscribed,
+//! the task replays from the first seq the index still needs (0 for a pod it knows nothing about, last applied + 1
+//! on a reconnect) and applies those batches before reading live ones, so a pod whose cache filled before weir
+//! subscribed is indexed at once rather than at its next event. Live batches published while the replay ran wait in
+//! the SUB socket; those the replay already applied are skipped as duplicates (not taken for a restart). vLLM keeps
+//! only the last `buffer_steps` batches: a replay that starts above the requested seq means the older ones are gone,
+//! which is logged and counted (`replay_lost`); their blocks stay unknown until stored again.
+//!
+//! Live batches: the pure index classifies `seq`: in order -> apply; a gap (batches missed, e.g. published between
+//! the replay and the subscription taking effect at the publisher) -> replay `from..seq`, apply those in order, then
+//! the current batch; a sequence that goes back (the publisher restarted) -> the index drops the pod's blocks first.
+//! A failed replay is logged and counted, and the live batch is applied anyway (the index is then missing blocks
+//! until they are stored again). A pod without a replay socket is followed from its live batches only. A publisher
+//! that restarted while the connection was down is recognised by its first live seq at or below the last applied
+//! one (a replay from last + 1 cannot tell it from the old one). No decision arithmetic here: that is
+//! `policies::prefix`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,8 +77,11 @@ pub struct ShellStats {
     pub bad_messages: AtomicU64,
     /// Batches recovered through replay.
     pub replayed: AtomicU64,
-    /// Gaps that could not be filled.
+    /// Replays that failed (error, timeout) and gaps on pods without a replay socket.
     pub replay_failures: AtomicU64,
+    /// Batches the index needed that a replay no longer carried: vLLM buffers only the last `buffer_steps` batches,
+    /// so a subscription that starts (or a gap that lasts) longer than that loses the older ones.
+    pub replay_lost: AtomicU64,
 }
 
 /// Owns the per-pod subscription tasks.
@@ -191,6 +207,15 @@ async fn subscribe_and_apply(
     let mut sub = zeromq::SubSocket::new();
     sub.connect(&pod.publisher).await?;
     sub.subscribe(&cfg.topic_prefix).await?;
+    // Catch up before reading live: a pod whose cache filled before this subscription (weir restarted, the pod was
+    // discovered late, the connection dropped) may publish nothing more for a long time. Live batches published
+    // meanwhile wait in the SUB socket; the index skips those the replay already applied.
+    if let Some(ep) = &pod.replay {
+        let from = index.write().begin_resync(slot);
+        if let Some(batches) = fetch_replay(ep, from, pod, cfg, stats).await {
+            apply_replayed(index, slot, pod, from, &batches, None, stats);
+        }
+    }
     loop {
         let frames = sub.recv().await?.into_vec();
         let Some((seq, batch)) = parse_live(&frames) else {
@@ -199,40 +224,68 @@ async fn subscribe_and_apply(
             continue;
         };
         let check = index.write().check_seq(slot, seq);
-        let mut replayed = Vec::new();
-        if let SeqCheck::Gap { from } = check {
-            match &pod.replay {
+        match check {
+            SeqCheck::InOrder => {}
+            SeqCheck::Duplicate => continue,
+            SeqCheck::Gap { from } => match &pod.replay {
                 Some(ep) => {
-                    match tokio::time::timeout(cfg.replay_timeout, replay(ep, from)).await {
-                        Ok(Ok(v)) => replayed = v,
-                        Ok(Err(e)) => {
-                            stats.replay_failures.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(pod = %pod.id, from, error = %e, "kv events: replay failed");
-                        }
-                        Err(_) => {
-                            stats.replay_failures.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(pod = %pod.id, from, "kv events: replay timed out");
-                        }
+                    if let Some(batches) = fetch_replay(ep, from, pod, cfg, stats).await {
+                        apply_replayed(index, slot, pod, from, &batches, Some(seq), stats);
                     }
                 }
                 None => {
                     stats.replay_failures.fetch_add(1, Ordering::Relaxed);
                 }
-            }
-            replayed.retain(|(s, _)| *s >= from && *s < seq);
+            },
         }
-        let mut ix = index.write();
-        for (s, b) in &replayed {
-            ix.apply_batch(slot, *s, b);
-        }
-        ix.apply_batch(slot, seq, &batch);
-        drop(ix);
-        stats
-            .replayed
-            .fetch_add(replayed.len() as u64, Ordering::Relaxed);
-        stats
-            .batches
-            .fetch_add(1 + replayed.len() as u64, Ordering::Relaxed);
+        index.write().apply_batch(slot, seq, &batch);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Replays from `from` under the configured timeout; a failure is logged and counted, and yields `None`.
+async fn fetch_replay(
+    endpoint: &str,
+    from: u64,
+    pod: &PodEvents,
+    cfg: &KvIndexerConfig,
+    stats: &ShellStats,
+) -> Option<Vec<(u64, KvEventBatch)>> {
+    let err = match tokio::time::timeout(cfg.replay_timeout, replay(endpoint, from)).await {
+        Ok(Ok(v)) => return Some(v),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_string(),
+    };
+    stats.replay_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(pod = %pod.id, from, error = %err, "kv events: replay failed");
+    None
+}
+
+/// Applies a replay's batches (up to the live seq `until` that revealed a gap, if one did) and accounts for them.
+fn apply_replayed(
+    index: &RwLock<PreciseIndex>,
+    slot: PodSlot,
+    pod: &PodEvents,
+    from: u64,
+    batches: &[(u64, KvEventBatch)],
+    until: Option<u64>,
+    stats: &ShellStats,
+) {
+    let out = index
+        .write()
+        .apply_replay(slot, batches.iter().map(|(s, b)| (*s, b)), until);
+    stats.replayed.fetch_add(out.applied, Ordering::Relaxed);
+    stats.batches.fetch_add(out.applied, Ordering::Relaxed);
+    if out.lost > 0 {
+        stats.replay_lost.fetch_add(out.lost, Ordering::Relaxed);
+        tracing::warn!(
+            pod = %pod.id,
+            from,
+            lost = out.lost,
+            first = batches.first().map(|(s, _)| *s),
+            "kv events: the publisher's replay buffer no longer holds batches the index needs; \
+             their blocks stay unknown until stored again"
+        );
     }
 }
 
@@ -438,8 +491,39 @@ mod tests {
         );
     }
 
+    /// A `BlockStored` of two root-chained blocks over tokens `base..base + 32` (engine hashes `engine`,
+    /// `engine + 1`) and the weir keys a request over those tokens looks up.
+    fn two_blocks(base: u32, engine: u64) -> (KvCacheEvent, Vec<u64>) {
+        let tokens: Vec<u32> = (0..32).map(|k| base + k).collect();
+        (
+            KvCacheEvent::BlockStored {
+                block_hashes: vec![engine, engine + 1],
+                parent_block_hash: None,
+                token_ids: tokens.clone(),
+                block_size: 16,
+                lora_id: None,
+                medium: Some("GPU".into()),
+                lora_name: None,
+                group_idx: None,
+            },
+            PrefixHasher::new("m", None, 16).block_hashes(&tokens),
+        )
+    }
+
+    /// Polls until `done` holds for the index (the subscription task runs on its own).
+    async fn until(index: &RwLock<PreciseIndex>, what: &str, done: impl Fn(&PreciseIndex) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done(&index.read()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
-    async fn follows_a_publisher_and_fills_the_join_gap_from_replay() {
+    async fn a_pod_whose_cache_filled_before_the_subscription_is_indexed_without_new_events() {
         let cfg = sim::zmq::KvEventsConfig {
             enable_kv_cache_events: true,
             endpoint: "tcp://0.0.0.0:0".into(),
@@ -449,26 +533,23 @@ mod tests {
         let (publisher, eps) = sim::zmq::start(&cfg, "kv@127.0.0.1:8000@m".into())
             .await
             .unwrap();
-        let hasher = PrefixHasher::new("m", None, 16);
-        let stored = |base: u32, engine: u64| {
-            let tokens: Vec<u32> = (0..32).map(|k| base + k).collect();
-            (
-                KvCacheEvent::BlockStored {
-                    block_hashes: vec![engine, engine + 1],
-                    parent_block_hash: None,
-                    token_ids: tokens.clone(),
-                    block_size: 16,
-                    lora_id: None,
-                    medium: Some("GPU".into()),
-                    lora_name: None,
-                    group_idx: None,
-                },
-                hasher.block_hashes(&tokens),
-            )
-        };
-        // Published before anyone subscribed: only replay can recover it.
-        let (early, early_keys) = stored(0, 100);
-        publisher.publish(1.0, vec![early]);
+        // Published before anyone subscribed (the PUB socket drops them): only a replay can bring them back.
+        let mut keys = Vec::new();
+        for k in 0..3u32 {
+            let (ev, kk) = two_blocks(1_000 * k, 100 + 2 * u64::from(k));
+            publisher.publish(1.0, vec![ev]);
+            keys.push(kk);
+        }
+        // Wait until the publisher task has buffered all three (its queue is served alongside replay requests).
+        let replay_ep = eps.replay.clone().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while replay(&replay_ep, 0).await.unwrap().len() < 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "publisher never buffered"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
 
         let index = Arc::new(RwLock::new(PreciseIndex::default()));
         let indexer = KvIndexer::new(Arc::clone(&index), KvIndexerConfig::default());
@@ -480,37 +561,166 @@ mod tests {
             replay: eps.replay.clone(),
         });
         let slot = index.read().slot(&id).unwrap();
+        // Nothing more is published: the subscription's own replay must index the pod's cache.
+        until(&index, "the pre-subscription batches", |ix| {
+            ix.entries() == 6
+        })
+        .await;
         let mut m = PrefixMatches::default();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let mut k = 0u32;
-        let late_keys = loop {
-            // Keep publishing until the subscription is live (PUB drops messages before it is).
-            k += 1;
-            let (late, keys) = stored(1_000 * k, 1_000 + 2 * u64::from(k));
-            publisher.publish(2.0, vec![late]);
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for kk in &keys {
             index
                 .read()
-                .lookup(&keys, tokio::time::Instant::now().into_std(), &mut m);
-            if m.get(Some(slot)) == 2 {
-                break keys;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "index never caught up"
-            );
-        };
-        assert_eq!(m.get(Some(slot)), 2, "{late_keys:?}");
-        let now = tokio::time::Instant::now().into_std();
-        index.read().lookup(&early_keys, now, &mut m);
-        assert_eq!(
-            m.get(Some(slot)),
-            2,
-            "the pre-subscription batch came back through replay"
-        );
-        assert!(index.read().stats().gaps >= 1);
-        assert!(indexer.stats().replayed.load(Ordering::Relaxed) >= 1);
+                .lookup(kk, tokio::time::Instant::now().into_std(), &mut m);
+            assert_eq!(m.get(Some(slot)), 2);
+        }
+        assert_eq!(index.read().next_seq(slot), 3);
+        assert_eq!(indexer.stats().replayed.load(Ordering::Relaxed), 3);
+        assert_eq!(index.read().stats().gaps, 0, "no live event was needed");
         indexer.unwatch(&id);
         assert_eq!(index.read().entries(), 0);
+    }
+
+    /// A scripted vLLM publisher: the test decides what goes out live and what each replay answers.
+    struct FakePublisher {
+        publ: zeromq::PubSocket,
+        router: zeromq::RouterSocket,
+        pod: PodEvents,
+    }
+
+    impl FakePublisher {
+        async fn start() -> Self {
+            let mut publ = zeromq::PubSocket::new();
+            let publisher = publ.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+            let mut router = zeromq::RouterSocket::new();
+            let replay = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+            let pod = PodEvents {
+                id: EndpointId::new("pod-f"),
+                model: "m".into(),
+                publisher,
+                replay: Some(replay),
+            };
+            Self { publ, router, pod }
+        }
+
+        async fn publish(&mut self, seq: u64, batch: &KvEventBatch) {
+            let msg = ZmqMessage::try_from(vec![
+                Bytes::from_static(b"kv@127.0.0.1:8000@m"),
+                Bytes::copy_from_slice(&seq.to_be_bytes()),
+                Bytes::from(encode_batch(batch)),
+            ])
+            .unwrap();
+            self.publ.send(msg).await.unwrap();
+        }
+
+        /// Waits for a replay request: (peer identity, start seq).
+        async fn replay_request(&mut self) -> (Bytes, u64) {
+            let f = tokio::time::timeout(Duration::from_secs(10), self.router.recv())
+                .await
+                .expect("a replay request")
+                .unwrap()
+                .into_vec();
+            (
+                f[0].clone(),
+                u64::from_be_bytes(<[u8; 8]>::try_from(f[2].as_ref()).unwrap()),
+            )
+        }
+
+        async fn answer(&mut self, peer: &Bytes, batches: &[(u64, KvEventBatch)]) {
+            let frames = batches
+                .iter()
+                .map(|(s, b)| (*s, Bytes::from(encode_batch(b))))
+                .chain([(u64::MAX, Bytes::new())]);
+            for (seq, payload) in frames {
+                let msg = ZmqMessage::try_from(vec![
+                    peer.clone(),
+                    Bytes::new(),
+                    Bytes::copy_from_slice(&seq.to_be_bytes()),
+                    payload,
+                ])
+                .unwrap();
+                self.router.send(msg).await.unwrap();
+            }
+        }
+    }
+
+    /// Batch `seq` of the fake publisher: two blocks of its own.
+    fn fake_batch(seq: u64) -> KvEventBatch {
+        KvEventBatch {
+            ts: 1.0,
+            events: vec![two_blocks(1_000 * seq as u32, 100 + 2 * seq).0],
+            data_parallel_rank: Some(0),
+        }
+    }
+
+    #[tokio::test]
+    async fn live_copies_of_replayed_batches_are_skipped_and_gaps_and_restarts_still_handled() {
+        let mut f = FakePublisher::start().await;
+        let index = Arc::new(RwLock::new(PreciseIndex::default()));
+        let indexer = KvIndexer::new(Arc::clone(&index), KvIndexerConfig::default());
+        indexer.watch(f.pod.clone());
+        let slot = index.read().slot(&f.pod.id).unwrap();
+        let (peer, from) = f.replay_request().await;
+        assert_eq!(
+            from, 0,
+            "a pod the index knows nothing about is replayed from the start"
+        );
+        // The SUB socket connected and subscribed before the replay request was sent; leave the PUB side a moment to
+        // register the subscription, then publish 0..=2 live while the replay is still pending, and answer it with
+        // the same batches: each must be applied once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for s in 0..3 {
+            f.publish(s, &fake_batch(s)).await;
+        }
+        let replayed: Vec<(u64, KvEventBatch)> = (0..3).map(|s| (s, fake_batch(s))).collect();
+        f.answer(&peer, &replayed).await;
+        f.publish(3, &fake_batch(3)).await;
+        until(&index, "seq 3", |ix| ix.next_seq(slot) == 4).await;
+        let want: Vec<u64> = (100..108).collect();
+        assert_eq!(index.read().engine_hashes(slot), want);
+        let st = index.read().stats();
+        assert_eq!(
+            (st.stored, st.duplicates, st.restarts, st.gaps),
+            (8, 3, 0, 0)
+        );
+
+        // Seq 4 never arrives live: seq 5 reveals the gap, which is replayed from 4.
+        f.publish(5, &fake_batch(5)).await;
+        let (peer, from) = f.replay_request().await;
+        assert_eq!(from, 4);
+        f.answer(&peer, &[(4, fake_batch(4)), (5, fake_batch(5))])
+            .await;
+        until(&index, "seq 5", |ix| ix.next_seq(slot) == 6).await;
+        let want: Vec<u64> = (100..112).collect();
+        assert_eq!(index.read().engine_hashes(slot), want);
+        assert_eq!(
+            index.read().stats().stored,
+            12,
+            "seq 5 came both replayed and live, applied once"
+        );
+
+        // The publisher restarts: seq 0 again drops what the pod held.
+        f.publish(0, &fake_batch(7)).await;
+        until(&index, "the restart", |ix| ix.stats().restarts == 1).await;
+        assert_eq!(index.read().engine_hashes(slot), vec![114, 115]);
+        assert_eq!(indexer.stats().replay_lost.load(Ordering::Relaxed), 0);
+        assert_eq!(indexer.stats().replay_failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_replay_that_starts_above_the_needed_seq_counts_the_lost_batches() {
+        let mut f = FakePublisher::start().await;
+        let index = Arc::new(RwLock::new(PreciseIndex::default()));
+        let indexer = KvIndexer::new(Arc::clone(&index), KvIndexerConfig::default());
+        indexer.watch(f.pod.clone());
+        let slot = index.read().slot(&f.pod.id).unwrap();
+        let (peer, from) = f.replay_request().await;
+        assert_eq!(from, 0);
+        // The publisher's buffer kept only seqs 3 and 4.
+        f.answer(&peer, &[(3, fake_batch(3)), (4, fake_batch(4))])
+            .await;
+        until(&index, "the replay", |ix| ix.next_seq(slot) == 5).await;
+        assert_eq!(index.read().engine_hashes(slot), vec![106, 107, 108, 109]);
+        assert_eq!(indexer.stats().replay_lost.load(Ordering::Relaxed), 3);
+        assert_eq!(indexer.stats().replayed.load(Ordering::Relaxed), 2);
     }
 }

@@ -19,7 +19,7 @@ mod table;
 pub use approx::{APPROX_BYTES_PER_ENTRY, ApproxIndex, DEFAULT_BLOCKS_PER_POD};
 pub use precise::{
     DEFAULT_MAX_ENTRIES, DEFAULT_SPECULATIVE_TTL, PRECISE_BYTES_PER_ENTRY, PreciseConfig,
-    PreciseIndex, PreciseStats, SeqCheck,
+    PreciseIndex, PreciseStats, ReplayOutcome, SeqCheck,
 };
 
 use std::collections::HashMap;

@@ -19,7 +19,11 @@
 //! `max_entries / 4`.
 //!
 //! Sequence numbers: [`PreciseIndex::check_seq`] classifies each batch's `seq` against the pod's last one (next in
-//! order, a gap to fill from the replay socket, or a restart), so the I/O shell can request replays.
+//! order, a gap to fill from the replay socket, a restart, or a duplicate of a replayed batch), so the I/O shell can
+//! request replays. On every new subscription the shell calls [`PreciseIndex::begin_resync`] (the first seq the index
+//! still needs), replays from there through [`PreciseIndex::apply_replay`] (which reports batches the publisher's
+//! buffer no longer held), and the live batches that the replay already covered then classify as
+//! [`SeqCheck::Duplicate`] instead of looking like a restart.
 //! Not modelled: the CPU tier weighting (llm-d: GPU 1.0, CPU 0.8; every block counts 1.0 here) and `cache_salt`
 //! (events do not carry it, so salted blocks are indexed as unsalted).
 
@@ -71,6 +75,19 @@ pub enum SeqCheck {
         /// First missing sequence number.
         from: u64,
     },
+    /// Already applied by the replay that began this subscription (the live copy was queued while the replay ran):
+    /// skip it.
+    Duplicate,
+}
+
+/// What [`PreciseIndex::apply_replay`] did with a replay's batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    /// Batches applied.
+    pub applied: u64,
+    /// Sequence numbers the index needed that the replay did not carry (vLLM buffers only the last `buffer_steps`
+    /// batches, so a replay may start above the requested seq): their blocks are missing until stored again.
+    pub lost: u64,
 }
 
 /// Counters for metrics and tests.
@@ -88,6 +105,8 @@ pub struct PreciseStats {
     pub restarts: u64,
     /// Sequence gaps detected.
     pub gaps: u64,
+    /// Live batches skipped because the subscription's replay had already applied them.
+    pub duplicates: u64,
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +117,10 @@ struct PodState {
     engine: HashKeyed<u32>,
     /// Last applied batch sequence number.
     last_seq: Option<u64>,
+    /// Lowest seq a live batch may carry and still be a copy of one the current subscription's replay applied; set
+    /// by `begin_resync`, raised past each duplicate, cleared by the first live batch that is not one. Without it a
+    /// queued live copy of a replayed batch (seq <= last) would read as a publisher restart.
+    dup_floor: Option<u64>,
 }
 
 /// The precise index over all pods of a pool.
@@ -167,12 +190,23 @@ impl PreciseIndex {
         }
     }
 
-    /// Classifies `seq` for `pod`. A sequence that goes back (publisher restarted) drops the pod's entries first.
+    /// Classifies live `seq` for `pod`. A copy of a batch the current subscription's replay applied (see
+    /// [`Self::begin_resync`]) is a duplicate; otherwise a sequence that goes back (publisher restarted) drops the
+    /// pod's entries first.
     pub fn check_seq(&mut self, pod: PodSlot, seq: u64) -> SeqCheck {
-        let Some(st) = self.state.get(pod.0 as usize) else {
+        let Some(st) = self.state.get_mut(pod.0 as usize) else {
             return SeqCheck::InOrder;
         };
         let last = st.last_seq;
+        if let Some(floor) = st.dup_floor.take()
+            && seq >= floor
+            && last.is_some_and(|l| seq <= l)
+        {
+            // Copies arrive in publishing order, so the next one must be above this one.
+            st.dup_floor = Some(seq + 1);
+            self.stats.duplicates += 1;
+            return SeqCheck::Duplicate;
+        }
         let expected = match last {
             Some(l) if seq <= l => {
                 self.stats.restarts += 1;
@@ -194,6 +228,56 @@ impl PreciseIndex {
     /// Last applied sequence number of a pod.
     pub fn last_seq(&self, pod: PodSlot) -> Option<u64> {
         self.state.get(pod.0 as usize).and_then(|s| s.last_seq)
+    }
+
+    /// First sequence number the index still needs from `pod`: 0 when it has applied nothing, else last + 1.
+    pub fn next_seq(&self, pod: PodSlot) -> u64 {
+        self.last_seq(pod).map_or(0, |l| l + 1)
+    }
+
+    /// Starts a new subscription to `pod` that will replay before reading live batches: returns the seq to replay
+    /// from ([`Self::next_seq`]) and treats live batches in `from..=` (whatever the replay then applies) as
+    /// duplicates until the first live batch that is not one. Only for the same publisher the index followed
+    /// before; a changed one is a new pod (`remove_pod` + `add_pod`).
+    pub fn begin_resync(&mut self, pod: PodSlot) -> u64 {
+        let from = self.next_seq(pod);
+        if let Some(st) = self.state.get_mut(pod.0 as usize) {
+            st.dup_floor = Some(from);
+        }
+        from
+    }
+
+    /// Applies the batches a replay socket returned (publishing order) for a request from [`Self::next_seq`]:
+    /// batches the index already applied are skipped, and sequence numbers it needed but the replay lacks (the
+    /// publisher's buffer dropped them) are counted as lost; the batches after them are applied anyway. `until` is
+    /// the live seq that revealed a gap, if one did: the replay fills only up to it (that batch and later ones come
+    /// live), and one that stops short of it lost the rest.
+    pub fn apply_replay<'a>(
+        &mut self,
+        pod: PodSlot,
+        batches: impl IntoIterator<Item = (u64, &'a KvEventBatch)>,
+        until: Option<u64>,
+    ) -> ReplayOutcome {
+        let mut out = ReplayOutcome::default();
+        if self.pods.id(pod).is_none() {
+            return out;
+        }
+        for (seq, batch) in batches {
+            let next = self.next_seq(pod);
+            if seq < next {
+                continue;
+            }
+            if until.is_some_and(|u| seq >= u) {
+                break;
+            }
+            out.lost += seq - next;
+            out.applied += 1;
+            self.apply_batch(pod, seq, batch);
+        }
+        if let Some(u) = until {
+            out.lost += u.saturating_sub(self.next_seq(pod));
+        }
+        out
     }
 
     /// Applies one batch from `pod` and records `seq` as its last.
@@ -513,6 +597,159 @@ mod tests {
             ix.check_seq(b, 5),
             SeqCheck::Gap { from: 0 },
             "joined late: replay history"
+        );
+    }
+
+    fn batch(evs: Vec<KvCacheEvent>) -> KvEventBatch {
+        KvEventBatch {
+            ts: 0.0,
+            events: evs,
+            data_parallel_rank: None,
+        }
+    }
+
+    /// Batch `seq` of a test publisher: stores one root block (engine hash `100 + seq`).
+    fn store_batch(seq: u64) -> KvEventBatch {
+        let t = seq as u32 * 4;
+        batch(vec![stored(&[100 + seq], None, &[t, t + 1, t + 2, t + 3])])
+    }
+
+    #[test]
+    fn next_seq_is_zero_for_an_unknown_pod_and_last_plus_one_after() {
+        let mut ix = PreciseIndex::default();
+        let a = ix.add_pod(&id(0), "m");
+        assert_eq!(ix.next_seq(a), 0);
+        assert_eq!(ix.begin_resync(a), 0);
+        ix.apply_batch(a, 4, &store_batch(4));
+        assert_eq!(ix.next_seq(a), 5);
+        assert_eq!(
+            ix.begin_resync(a),
+            5,
+            "a reconnect resumes after the last applied batch"
+        );
+        ix.remove_pod(&id(0));
+        let a = ix.add_pod(&id(0), "m");
+        assert_eq!(ix.next_seq(a), 0, "a re-added pod starts over");
+    }
+
+    #[test]
+    fn live_copies_of_replayed_batches_are_duplicates_applied_once() {
+        let mut ix = PreciseIndex::default();
+        let a = ix.add_pod(&id(0), "m");
+        let from = ix.begin_resync(a);
+        let replayed: Vec<(u64, KvEventBatch)> = (0..4).map(|s| (s, store_batch(s))).collect();
+        let out = ix.apply_replay(a, replayed.iter().map(|(s, b)| (*s, b)), None);
+        assert_eq!(
+            (from, out),
+            (
+                0,
+                ReplayOutcome {
+                    applied: 4,
+                    lost: 0
+                }
+            )
+        );
+        // The SUB socket queued seqs 2 and 3 while the replay ran.
+        assert_eq!(ix.check_seq(a, 2), SeqCheck::Duplicate);
+        assert_eq!(ix.check_seq(a, 3), SeqCheck::Duplicate);
+        assert_eq!(ix.check_seq(a, 4), SeqCheck::InOrder);
+        ix.apply_batch(a, 4, &store_batch(4));
+        assert_eq!(ix.engine_hashes(a), vec![100, 101, 102, 103, 104]);
+        assert_eq!(ix.stats().stored, 5, "every block stored once");
+        assert_eq!((ix.stats().duplicates, ix.stats().restarts), (2, 0));
+        // One removal drops a block: it was not counted as stored twice.
+        ix.apply_event(
+            a,
+            &KvCacheEvent::BlockRemoved {
+                block_hashes: vec![102],
+                medium: None,
+                group_idx: None,
+            },
+        );
+        assert_eq!(ix.engine_hashes(a), vec![100, 101, 103, 104]);
+        // The window closed with seq 4: a seq going back now is a restart again.
+        assert_eq!(ix.check_seq(a, 0), SeqCheck::InOrder);
+        assert_eq!((ix.entries(), ix.stats().restarts), (0, 1));
+    }
+
+    #[test]
+    fn a_restart_during_the_duplicate_window_is_still_a_restart() {
+        let mut ix = PreciseIndex::default();
+        let a = ix.add_pod(&id(0), "m");
+        ix.begin_resync(a);
+        let replayed: Vec<(u64, KvEventBatch)> = (0..6).map(|s| (s, store_batch(s))).collect();
+        ix.apply_replay(a, replayed.iter().map(|(s, b)| (*s, b)), None);
+        assert_eq!(ix.check_seq(a, 4), SeqCheck::Duplicate);
+        // Copies only go up: seq 1 after 4 is a new publisher counting from 0 again.
+        assert_eq!(ix.check_seq(a, 1), SeqCheck::Gap { from: 0 });
+        assert_eq!((ix.entries(), ix.stats().restarts), (0, 1));
+    }
+
+    #[test]
+    fn a_reconnect_resync_only_skips_what_its_replay_applied() {
+        let mut ix = PreciseIndex::default();
+        let a = ix.add_pod(&id(0), "m");
+        for s in 0..3 {
+            assert_eq!(ix.check_seq(a, s), SeqCheck::InOrder);
+            ix.apply_batch(a, s, &store_batch(s));
+        }
+        // Reconnect; the replay from 3 fails or returns nothing, so nothing may be skipped: seq 1 is a restart.
+        assert_eq!(ix.begin_resync(a), 3);
+        assert_eq!(ix.check_seq(a, 1), SeqCheck::Gap { from: 0 });
+        assert_eq!(ix.stats().restarts, 1);
+        // Reconnect with a replay that applied 3..=4: live 3 is a copy, live 6 a gap.
+        let mut ix = PreciseIndex::default();
+        let a = ix.add_pod(&id(0), "m");
+        ix.apply_batch(a, 2, &store_batch(2));
+        assert_eq!(ix.begin_resync(a), 3);
+        let replayed = [(3, store_batch(3)), (4, store_batch(4))];
+        ix.apply_replay(a, replayed.iter().map(|(s, b)| (*s, b)), None);
+        assert_eq!(
+            ix.check_seq(a, 2),
+            SeqCheck::Gap { from: 0 },
+            "2 was applied before the resync: a restart"
+        );
+    }
+
+    #[test]
+    fn replays_report_batches_the_publisher_no_longer_buffers() {
+        let mut ix = PreciseIndex::default();
+        let a = ix.add_pod(&id(0), "m");
+        ix.begin_resync(a);
+        // vLLM kept only seqs 5.. of its buffer.
+        let replayed: Vec<(u64, KvEventBatch)> = (5..8).map(|s| (s, store_batch(s))).collect();
+        let out = ix.apply_replay(a, replayed.iter().map(|(s, b)| (*s, b)), None);
+        assert_eq!(
+            out,
+            ReplayOutcome {
+                applied: 3,
+                lost: 5
+            }
+        );
+        assert_eq!(ix.engine_hashes(a), vec![105, 106, 107]);
+        assert_eq!(ix.next_seq(a), 8);
+        // A gap fill stops before the live seq that revealed it and counts what it could not bring back.
+        assert_eq!(ix.check_seq(a, 12), SeqCheck::Gap { from: 8 });
+        let replayed: Vec<(u64, KvEventBatch)> = (7..14).map(|s| (s, store_batch(s))).collect();
+        let out = ix.apply_replay(a, replayed.iter().map(|(s, b)| (*s, b)), Some(12));
+        assert_eq!(
+            out,
+            ReplayOutcome {
+                applied: 4,
+                lost: 0
+            },
+            "7 was applied already, 12.. comes live"
+        );
+        assert_eq!(ix.next_seq(a), 12);
+        assert_eq!(ix.check_seq(a, 20), SeqCheck::Gap { from: 12 });
+        let out = ix.apply_replay(a, [(14, &store_batch(14))], Some(20));
+        assert_eq!(
+            out,
+            ReplayOutcome {
+                applied: 1,
+                lost: 7
+            },
+            "12, 13 and 15..20 are gone"
         );
     }
 
