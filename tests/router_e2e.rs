@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     Weir, client, endpoint_id, eventually, get_text, metric_sum, post_json_full, prefix_blocks,
-    run_weir, send_json, sse_data,
+    run_weir, scrape, send_json, sse_data,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -459,6 +459,22 @@ async fn kv_event_publisher_announced_by_a_pod_annotation_feeds_the_precise_inde
         async || prefix_blocks(r.url(), &id).await > 20,
     )
     .await;
+    // /metrics shows the subscription following the pod: connected, the replayed batches applied, the blocks held.
+    let m = scrape(r.url()).await;
+    let pod = format!(r#"endpoint="{id}""#);
+    assert_eq!(metric_sum(&m, "weir_kv_events_connected", &pod), 1.0, "{m}");
+    assert!(metric_sum(&m, "weir_kv_events_replayed_batches_total", &pod) > 0.0);
+    assert!(
+        metric_sum(&m, "weir_kv_events_batches_total", &pod)
+            >= metric_sum(&m, "weir_kv_events_replayed_batches_total", &pod)
+    );
+    assert!(metric_sum(&m, "weir_kv_index_blocks", &pod) > 20.0);
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("weir_kv_events_last_seq{") && l.contains(&pod)),
+        "{m}"
+    );
+    assert!(metric_sum(&m, "weir_kv_index_memory_bytes", r#"pool="m""#) > 0.0);
     let _ = std::fs::remove_file(cfg);
 }
 

@@ -21,17 +21,26 @@
 //! that restarted while the connection was down is recognised by its first live seq at or below the last applied
 //! one (a replay from last + 1 cannot tell it from the old one). No decision arithmetic here: that is
 //! `policies::prefix`.
+//!
+//! Metrics: [`KvMetrics`] is a Prometheus collector that reads each subscription's [`ShellStats`] and the index's
+//! per-pod and per-pool numbers when `/metrics` is encoded, so the event path updates nothing beyond its atomics.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use policies::endpoint::EndpointId;
 use policies::kv_events::{KvEventBatch, decode_batch};
-use policies::prefix::{PodSlot, PreciseIndex, SeqCheck};
+use policies::prefix::{PodSlot, PodStats, PreciseIndex, SeqCheck};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
@@ -68,9 +77,13 @@ pub struct PodEvents {
     pub replay: Option<String>,
 }
 
-/// Shell counters (the index has its own [`policies::prefix::PreciseStats`]).
+/// One pod subscription's shell counters (the index has its own [`policies::prefix::PreciseStats`] and
+/// [`PodStats`]). They start at zero with each [`KvIndexer::watch`] of new endpoints, as the index's pod state does.
 #[derive(Debug, Default)]
 pub struct ShellStats {
+    /// True while the SUB socket is connected and subscribed, so an operator can tell a pod whose publisher is
+    /// unreachable (reconnecting every `reconnect_delay`) from one that is merely quiet.
+    pub connected: AtomicBool,
     /// Batches applied (live and replayed).
     pub batches: AtomicU64,
     /// Messages that were not `[topic, seq, payload]` or did not decode.
@@ -84,13 +97,21 @@ pub struct ShellStats {
     pub replay_lost: AtomicU64,
 }
 
+/// One followed pod.
+#[derive(Debug)]
+struct Followed {
+    pod: PodEvents,
+    task: JoinHandle<()>,
+    /// Shared with the task, which updates it; read by [`KvMetrics`] at scrape time.
+    stats: Arc<ShellStats>,
+}
+
 /// Owns the per-pod subscription tasks.
 #[derive(Debug)]
 pub struct KvIndexer {
     index: Arc<RwLock<PreciseIndex>>,
     cfg: KvIndexerConfig,
-    tasks: Mutex<HashMap<EndpointId, (PodEvents, JoinHandle<()>)>>,
-    stats: Arc<ShellStats>,
+    tasks: Mutex<HashMap<EndpointId, Followed>>,
 }
 
 impl KvIndexer {
@@ -99,7 +120,6 @@ impl KvIndexer {
             index,
             cfg,
             tasks: Mutex::new(HashMap::new()),
-            stats: Arc::new(ShellStats::default()),
         }
     }
 
@@ -107,38 +127,49 @@ impl KvIndexer {
         &self.index
     }
 
-    pub fn stats(&self) -> &ShellStats {
-        &self.stats
+    /// The shell counters of a followed pod.
+    pub fn stats(&self, id: &EndpointId) -> Option<Arc<ShellStats>> {
+        self.tasks.lock().get(id).map(|f| Arc::clone(&f.stats))
+    }
+
+    /// Every followed pod with its shell counters (the lock is released before the caller reads the index).
+    fn followed(&self) -> Vec<(EndpointId, Arc<ShellStats>)> {
+        self.tasks
+            .lock()
+            .iter()
+            .map(|(id, f)| (id.clone(), Arc::clone(&f.stats)))
+            .collect()
     }
 
     /// Starts following a pod (must be called inside a tokio runtime). A pod already followed with the same
     /// endpoints is left alone; changed endpoints (a restarted pod) restart the subscription from an empty index.
     pub fn watch(&self, pod: PodEvents) {
         let mut tasks = self.tasks.lock();
-        if let Some((old, _)) = tasks.get(&pod.id)
-            && *old == pod
+        if let Some(old) = tasks.get(&pod.id)
+            && old.pod == pod
         {
             return;
         }
-        if let Some((_, h)) = tasks.remove(&pod.id) {
-            h.abort();
+        if let Some(old) = tasks.remove(&pod.id) {
+            old.task.abort();
             self.index.write().remove_pod(&pod.id);
         }
         let slot = self.index.write().add_pod(&pod.id, &pod.model);
+        let stats = Arc::new(ShellStats::default());
         let task = tokio::spawn(follow(
             Arc::clone(&self.index),
             slot,
             pod.clone(),
             self.cfg.clone(),
-            Arc::clone(&self.stats),
+            Arc::clone(&stats),
         ));
-        tasks.insert(pod.id.clone(), (pod, task));
+        tasks.insert(pod.id.clone(), Followed { pod, task, stats });
     }
 
     /// Stops following a pod and forgets its blocks.
     pub fn unwatch(&self, id: &EndpointId) {
-        if let Some((_, h)) = self.tasks.lock().remove(id) {
-            h.abort();
+        if let Some(f) = self.tasks.lock().remove(id) {
+            f.task.abort();
         }
         self.index.write().remove_pod(id);
     }
@@ -175,8 +206,8 @@ impl KvIndexer {
 
 impl Drop for KvIndexer {
     fn drop(&mut self) {
-        for (_, (_, h)) in self.tasks.lock().drain() {
-            h.abort();
+        for (_, f) in self.tasks.lock().drain() {
+            f.task.abort();
         }
     }
 }
@@ -193,6 +224,7 @@ async fn follow(
         if let Err(e) = subscribe_and_apply(&index, slot, &pod, &cfg, &stats).await {
             tracing::warn!(pod = %pod.id, error = %e, "kv events: subscription failed; reconnecting");
         }
+        stats.connected.store(false, Ordering::Relaxed);
         tokio::time::sleep(cfg.reconnect_delay).await;
     }
 }
@@ -207,6 +239,7 @@ async fn subscribe_and_apply(
     let mut sub = zeromq::SubSocket::new();
     sub.connect(&pod.publisher).await?;
     sub.subscribe(&cfg.topic_prefix).await?;
+    stats.connected.store(true, Ordering::Relaxed);
     // Catch up before reading live: a pod whose cache filled before this subscription (weir restarted, the pod was
     // discovered late, the connection dropped) may publish nothing more for a long time. Live batches published
     // meanwhile wait in the SUB socket; the index skips those the replay already applied.
@@ -336,6 +369,284 @@ async fn replay(endpoint: &str, from: u64) -> Result<Vec<(u64, KvEventBatch)>, R
             Ok(b) => out.push((seq, b)),
             Err(e) => tracing::debug!(seq, error = %e, "kv events: undecodable replayed batch"),
         }
+    }
+}
+
+/// Exports the precise indexes of the cache-aware pools and their KV-event subscriptions as `weir_kv_events_*` and
+/// `weir_kv_index_*`. A [`Collector`]: the numbers are read when `/metrics` is encoded (the shell's atomics, then
+/// each index under one read lock, O(pods)), so applying events and routing requests pay nothing for them.
+#[derive(Debug, Clone, Default)]
+pub struct KvMetrics {
+    /// Each precise-mode pool, added when the pool is created.
+    pools: Arc<RwLock<Vec<PoolSource>>>,
+}
+
+/// A precise-mode pool as [`KvMetrics`] reads it.
+#[derive(Debug)]
+struct PoolSource {
+    /// The `pool` label.
+    pool: Arc<str>,
+    /// Weak: the metrics must not keep a pool's subscriptions running.
+    indexer: Weak<KvIndexer>,
+}
+
+/// `{pool}` of the per-index series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabel {
+    pool: crate::metrics::Name,
+}
+
+/// One followed pod's numbers, read at scrape time.
+struct PodRow {
+    label: crate::metrics::EndpointLabel,
+    shell: Arc<ShellStats>,
+    /// `None` if the pod left the index between reading the followed set and reading the index.
+    index: Option<PodStats>,
+}
+
+/// One precise index's numbers, read at scrape time.
+struct PoolRow {
+    label: PoolLabel,
+    heap_bytes: u64,
+    max_entries: u64,
+    evicted: u64,
+    speculative: u64,
+}
+
+impl KvMetrics {
+    /// Registers the collector under the `weir` prefix; pools are added as they are created ([`Self::add`]).
+    pub fn register(reg: &mut Registry) -> Self {
+        let m = Self::default();
+        reg.sub_registry_with_prefix("weir")
+            .register_collector(Box::new(m.clone()));
+        m
+    }
+
+    /// Exports `indexer`'s index and subscriptions with label `pool`, for as long as the indexer lives.
+    pub fn add(&self, pool: &str, indexer: &Arc<KvIndexer>) {
+        let mut pools = self.pools.write();
+        pools.retain(|p| p.indexer.strong_count() > 0);
+        pools.push(PoolSource {
+            pool: Arc::from(pool),
+            indexer: Arc::downgrade(indexer),
+        });
+    }
+
+    fn rows(&self) -> (Vec<PodRow>, Vec<PoolRow>) {
+        let (mut pods, mut pools) = (Vec::new(), Vec::new());
+        for PoolSource { pool, indexer } in self.pools.read().iter() {
+            let Some(indexer) = indexer.upgrade() else {
+                continue;
+            };
+            let followed = indexer.followed();
+            let ix = indexer.index.read();
+            for (id, shell) in followed {
+                let index = ix.slot(&id).and_then(|s| ix.pod_stats(s));
+                pods.push(PodRow {
+                    label: crate::metrics::EndpointLabel {
+                        pool: Arc::clone(pool).into(),
+                        endpoint: id.0.into(),
+                    },
+                    shell,
+                    index,
+                });
+            }
+            pools.push(PoolRow {
+                label: PoolLabel {
+                    pool: Arc::clone(pool).into(),
+                },
+                heap_bytes: ix.heap_bytes() as u64,
+                max_entries: ix.config().max_entries as u64,
+                evicted: ix.stats().evicted,
+                speculative: ix.speculative_entries() as u64,
+            });
+        }
+        (pods, pools)
+    }
+}
+
+/// A scrape-time row with its label set.
+trait Row {
+    type Label: EncodeLabelSet;
+    fn label(&self) -> &Self::Label;
+}
+
+impl Row for PodRow {
+    type Label = crate::metrics::EndpointLabel;
+    fn label(&self) -> &Self::Label {
+        &self.label
+    }
+}
+
+impl Row for PoolRow {
+    type Label = PoolLabel;
+    fn label(&self) -> &Self::Label {
+        &self.label
+    }
+}
+
+/// Encodes one family, a series per row with a value (skipped when no row has one, so routers without precise pools
+/// show none of these).
+fn family<R: Row>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: &[R],
+    value: impl Fn(&R) -> Option<u64>,
+) -> Result<(), std::fmt::Error> {
+    if rows.iter().all(|r| value(r).is_none()) {
+        return Ok(());
+    }
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (r, v) in rows.iter().filter_map(|r| Some((r, value(r)?))) {
+        let e = m.encode_family(r.label())?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(v).encode(e)?,
+            _ => ConstGauge::new(v).encode(e)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for KvMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use MetricType::{Counter, Gauge};
+        let (pods, pools) = self.rows();
+        let shell = |f: fn(&ShellStats) -> &AtomicU64| {
+            move |r: &PodRow| Some(f(&r.shell).load(Ordering::Relaxed))
+        };
+        let index = |f: fn(&PodStats) -> Option<u64>| move |r: &PodRow| f(r.index.as_ref()?);
+        let pool = |f: fn(&PoolRow) -> u64| move |r: &PoolRow| Some(f(r));
+        let e = &mut enc;
+        family(
+            e,
+            "kv_events_batches",
+            "KV-event batches applied to the precise prefix index, live and replayed",
+            Counter,
+            &pods,
+            shell(|s| &s.batches),
+        )?;
+        family(
+            e,
+            "kv_events_replayed_batches",
+            "KV-event batches recovered from the pod's replay socket",
+            Counter,
+            &pods,
+            shell(|s| &s.replayed),
+        )?;
+        family(
+            e,
+            "kv_events_replay_failures",
+            "KV-event replays that failed or timed out, and gaps on pods without a replay socket",
+            Counter,
+            &pods,
+            shell(|s| &s.replay_failures),
+        )?;
+        family(
+            e,
+            "kv_events_lost_batches",
+            "KV-event batches the index needed that the pod's replay buffer no longer held; their blocks stay unknown until stored again",
+            Counter,
+            &pods,
+            shell(|s| &s.replay_lost),
+        )?;
+        family(
+            e,
+            "kv_events_bad_messages",
+            "KV-event messages that were not [topic, seq, payload] or did not decode",
+            Counter,
+            &pods,
+            shell(|s| &s.bad_messages),
+        )?;
+        family(
+            e,
+            "kv_events_duplicate_batches",
+            "Live KV-event batches skipped because the subscription's replay had already applied them",
+            Counter,
+            &pods,
+            index(|s| Some(s.duplicates)),
+        )?;
+        family(
+            e,
+            "kv_events_gaps",
+            "Gaps in a pod's KV-event sequence numbers (batches missed live, replayed if the pod has a replay socket)",
+            Counter,
+            &pods,
+            index(|s| Some(s.gaps)),
+        )?;
+        family(
+            e,
+            "kv_events_publisher_restarts",
+            "KV-event publisher restarts detected from sequence numbers going back (the pod's blocks are dropped)",
+            Counter,
+            &pods,
+            index(|s| Some(s.restarts)),
+        )?;
+        family(
+            e,
+            "kv_events_connected",
+            "1 while the subscription to the pod's KV-event publisher is connected, 0 while it reconnects",
+            Gauge,
+            &pods,
+            |r: &PodRow| Some(u64::from(r.shell.connected.load(Ordering::Relaxed))),
+        )?;
+        family(
+            e,
+            "kv_events_last_seq",
+            "Sequence number of the last KV-event batch applied from the pod (absent before the first)",
+            Gauge,
+            &pods,
+            index(|s| s.last_seq),
+        )?;
+        family(
+            e,
+            "kv_index_blocks",
+            "Blocks the precise prefix index holds for the pod, from its KV events (speculative entries excluded)",
+            Gauge,
+            &pods,
+            index(|s| Some(s.blocks)),
+        )?;
+        family(
+            e,
+            "kv_index_orphaned_blocks",
+            "Stored blocks skipped because their parent was unknown (a missed event) or the event was malformed",
+            Counter,
+            &pods,
+            index(|s| Some(s.orphaned)),
+        )?;
+        family(
+            e,
+            "kv_index_memory_bytes",
+            "Heap bytes of the precise prefix index's block tables (speculative entries excluded)",
+            Gauge,
+            &pools,
+            pool(|p| p.heap_bytes),
+        )?;
+        family(
+            e,
+            "kv_index_max_blocks",
+            "Cap on the precise prefix index's (pod, block) entries; past it the least recently stored are evicted",
+            Gauge,
+            &pools,
+            pool(|p| p.max_entries),
+        )?;
+        family(
+            e,
+            "kv_index_evicted_blocks",
+            "Blocks evicted from the precise prefix index by its cap",
+            Counter,
+            &pools,
+            pool(|p| p.evicted),
+        )?;
+        family(
+            e,
+            "kv_index_speculative_blocks",
+            "Speculative entries of the precise prefix index (recorded at pick time until the pod's events confirm them), expired ones not yet purged included",
+            Gauge,
+            &pools,
+            pool(|p| p.speculative),
+        )
     }
 }
 
@@ -574,7 +885,8 @@ mod tests {
             assert_eq!(m.get(Some(slot)), 2);
         }
         assert_eq!(index.read().next_seq(slot), 3);
-        assert_eq!(indexer.stats().replayed.load(Ordering::Relaxed), 3);
+        let st = indexer.stats(&id).unwrap();
+        assert_eq!(st.replayed.load(Ordering::Relaxed), 3);
         assert_eq!(index.read().stats().gaps, 0, "no live event was needed");
         indexer.unwatch(&id);
         assert_eq!(index.read().entries(), 0);
@@ -652,11 +964,44 @@ mod tests {
         }
     }
 
+    /// The registry's text exposition, as `/metrics` serves it.
+    fn exposition(reg: &Registry) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, reg).unwrap();
+        s
+    }
+
+    /// Polls until the exposition holds every line of `want` (counters are bumped just after the index changes).
+    async fn until_exposed(reg: &Registry, want: &[&str]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = exposition(reg);
+            let missing: Vec<&&str> = want
+                .iter()
+                .filter(|w| !text.lines().any(|l| l == **w))
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "missing {missing:?} in\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
     async fn live_copies_of_replayed_batches_are_skipped_and_gaps_and_restarts_still_handled() {
         let mut f = FakePublisher::start().await;
         let index = Arc::new(RwLock::new(PreciseIndex::default()));
-        let indexer = KvIndexer::new(Arc::clone(&index), KvIndexerConfig::default());
+        let mut reg = Registry::default();
+        let metrics = KvMetrics::register(&mut reg);
+        let indexer = Arc::new(KvIndexer::new(
+            Arc::clone(&index),
+            KvIndexerConfig::default(),
+        ));
+        metrics.add("pool-f", &indexer);
         indexer.watch(f.pod.clone());
         let slot = index.read().slot(&f.pod.id).unwrap();
         let (peer, from) = f.replay_request().await;
@@ -702,8 +1047,75 @@ mod tests {
         f.publish(0, &fake_batch(7)).await;
         until(&index, "the restart", |ix| ix.stats().restarts == 1).await;
         assert_eq!(index.read().engine_hashes(slot), vec![114, 115]);
-        assert_eq!(indexer.stats().replay_lost.load(Ordering::Relaxed), 0);
-        assert_eq!(indexer.stats().replay_failures.load(Ordering::Relaxed), 0);
+
+        // /metrics tells the same story per pod: 3 + 1 replayed and 3 live batches applied (live 0..=2 were the
+        // replay's duplicates), one gap, one restart, the restarted publisher's seq 0 with its 2 blocks.
+        let l = r#"{pool="pool-f",endpoint="pod-f"}"#;
+        let pool = r#"{pool="pool-f"}"#;
+        until_exposed(
+            &reg,
+            &[
+                &format!("weir_kv_events_batches_total{l} 7"),
+                &format!("weir_kv_events_replayed_batches_total{l} 4"),
+                &format!("weir_kv_events_replay_failures_total{l} 0"),
+                &format!("weir_kv_events_lost_batches_total{l} 0"),
+                &format!("weir_kv_events_bad_messages_total{l} 0"),
+                &format!("weir_kv_events_duplicate_batches_total{l} 3"),
+                &format!("weir_kv_events_gaps_total{l} 1"),
+                &format!("weir_kv_events_publisher_restarts_total{l} 1"),
+                &format!("weir_kv_events_connected{l} 1"),
+                &format!("weir_kv_events_last_seq{l} 0"),
+                &format!("weir_kv_index_blocks{l} 2"),
+                &format!("weir_kv_index_orphaned_blocks_total{l} 0"),
+                &format!("weir_kv_index_evicted_blocks_total{pool} 0"),
+                &format!(
+                    "weir_kv_index_max_blocks{pool} {}",
+                    policies::prefix::DEFAULT_MAX_ENTRIES
+                ),
+                "# TYPE weir_kv_events_batches counter",
+                "# TYPE weir_kv_index_blocks gauge",
+            ],
+        )
+        .await;
+        let text = exposition(&reg);
+        let bytes: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("weir_kv_index_memory_bytes{pool} ")))
+            .unwrap_or_else(|| panic!("no memory gauge in\n{text}"))
+            .parse()
+            .unwrap();
+        assert_eq!(bytes, index.read().heap_bytes() as u64);
+        assert!(bytes > 0);
+
+        // A pod whose publisher cannot be reached is followed but not connected, and has applied nothing.
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        indexer.watch(PodEvents {
+            id: EndpointId::new("pod-dead"),
+            model: "m".into(),
+            publisher: format!("tcp://{dead_addr}"),
+            replay: None,
+        });
+        let d = r#"{pool="pool-f",endpoint="pod-dead"}"#;
+        until_exposed(
+            &reg,
+            &[
+                &format!("weir_kv_events_connected{d} 0"),
+                &format!("weir_kv_events_batches_total{d} 0"),
+                &format!("weir_kv_index_blocks{d} 0"),
+            ],
+        )
+        .await;
+        assert!(
+            !exposition(&reg).contains(&format!("weir_kv_events_last_seq{d}")),
+            "no seq before the first batch"
+        );
+
+        // An unwatched pod's series go away with it.
+        indexer.unwatch(&f.pod.id);
+        let text = exposition(&reg);
+        assert!(!text.contains(r#"endpoint="pod-f""#), "{text}");
     }
 
     #[tokio::test]
@@ -720,7 +1132,8 @@ mod tests {
             .await;
         until(&index, "the replay", |ix| ix.next_seq(slot) == 5).await;
         assert_eq!(index.read().engine_hashes(slot), vec![106, 107, 108, 109]);
-        assert_eq!(indexer.stats().replay_lost.load(Ordering::Relaxed), 3);
-        assert_eq!(indexer.stats().replayed.load(Ordering::Relaxed), 2);
+        let st = indexer.stats(&f.pod.id).unwrap();
+        assert_eq!(st.replay_lost.load(Ordering::Relaxed), 3);
+        assert_eq!(st.replayed.load(Ordering::Relaxed), 2);
     }
 }

@@ -36,7 +36,7 @@ use prometheus_client::registry::Registry;
 use rand_core::RngCore;
 
 use crate::config::{CacheAwareConfig, IndexKind};
-use crate::kv_index::{KvIndexer, KvIndexerConfig, PodEvents};
+use crate::kv_index::{KvIndexer, KvIndexerConfig, KvMetrics, PodEvents};
 use crate::proxy::Api;
 
 /// `{result}` of a prefix lookup.
@@ -73,11 +73,16 @@ pub struct CacheMetrics {
     pub pd: Family<PdLabel, Counter>,
     /// `weir_pd_declined_total{reason,on}`: why requests of P/D pools were served colocated, and where.
     pub pd_declined: Family<DeclinedLabel, Counter>,
+    /// `weir_kv_events_*` and `weir_kv_index_*` of precise pools, read at scrape time; pools join as they are created.
+    pub kv: KvMetrics,
 }
 
 impl CacheMetrics {
     pub fn register(reg: &mut Registry) -> Self {
-        let m = Self::default();
+        let m = Self {
+            kv: KvMetrics::register(reg),
+            ..Self::default()
+        };
         let r = reg.sub_registry_with_prefix("weir");
         r.register(
             "prefix_lookups",
@@ -153,8 +158,8 @@ pub struct CachePool {
     approx: RwLock<ApproxIndex>,
     /// KV-event index (precise mode), shared with the subscription tasks.
     precise: Arc<RwLock<PreciseIndex>>,
-    /// Subscriptions feeding `precise` (precise mode, inside a runtime).
-    kv: Option<KvIndexer>,
+    /// Subscriptions feeding `precise` (precise mode, inside a runtime); shared (weakly) with [`KvMetrics`].
+    kv: Option<Arc<KvIndexer>>,
     sessions: Mutex<SessionTable>,
     /// Aggregated profile.
     profile: Profile,
@@ -191,7 +196,7 @@ impl CachePool {
                 let k = KvIndexer::new(precise.clone(), KvIndexerConfig::default());
                 // The expiry task lives as long as the runtime; the indexer itself is never dropped while serving.
                 drop(k.spawn_expiry(std::time::Duration::from_secs(1)));
-                k
+                Arc::new(k)
             });
         let w = cfg.weights;
         let profile = Profile {
@@ -268,6 +273,11 @@ impl CachePool {
     /// The precise index (tests and debug).
     pub fn precise(&self) -> &Arc<RwLock<PreciseIndex>> {
         &self.precise
+    }
+
+    /// The KV-event subscriptions feeding the precise index, if this pool has them.
+    pub fn kv_indexer(&self) -> Option<&Arc<KvIndexer>> {
+        self.kv.as_ref()
     }
 
     /// Blocks the index believes `slot` holds (precise: from its KV events, speculative entries excluded).

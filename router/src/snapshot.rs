@@ -212,7 +212,13 @@ impl SnapshotBuilder {
                     let pool = self
                         .caches
                         .entry(name.clone())
-                        .or_insert_with(|| Arc::new(CachePool::new(cfg, model)))
+                        .or_insert_with(|| {
+                            let pool = Arc::new(CachePool::new(cfg, model));
+                            if let Some(kv) = pool.kv_indexer() {
+                                self.routing.metrics.kv.add(name, kv);
+                            }
+                            pool
+                        })
                         .clone();
                     let members: Vec<Member> = endpoints
                         .iter()

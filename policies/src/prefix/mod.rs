@@ -18,7 +18,7 @@ mod table;
 
 pub use approx::{APPROX_BYTES_PER_ENTRY, ApproxIndex, DEFAULT_BLOCKS_PER_POD};
 pub use precise::{
-    DEFAULT_MAX_ENTRIES, DEFAULT_SPECULATIVE_TTL, PRECISE_BYTES_PER_ENTRY, PreciseConfig,
+    DEFAULT_MAX_ENTRIES, DEFAULT_SPECULATIVE_TTL, PRECISE_BYTES_PER_ENTRY, PodStats, PreciseConfig,
     PreciseIndex, PreciseStats, ReplayOutcome, SeqCheck,
 };
 

@@ -109,6 +109,33 @@ pub struct PreciseStats {
     pub duplicates: u64,
 }
 
+/// One pod's view of the index, for per-pod metrics: read at scrape time, so the counters live in the pod's state
+/// (bumped where the global [`PreciseStats`] are) rather than being derived from the global sums.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodStats {
+    /// Live stored entries of the pod (speculative ones excluded).
+    pub blocks: u64,
+    /// Last applied batch sequence number.
+    pub last_seq: Option<u64>,
+    /// Publisher restarts detected from sequence numbers.
+    pub restarts: u64,
+    /// Sequence gaps detected.
+    pub gaps: u64,
+    /// Live batches skipped because the subscription's replay had already applied them.
+    pub duplicates: u64,
+    /// Stored blocks skipped because their parent was unknown (a missed event) or the event was malformed.
+    pub orphaned: u64,
+}
+
+/// Per-pod shares of [`PreciseStats`]; they start at zero whenever the pod is (re-)registered.
+#[derive(Debug, Clone, Copy, Default)]
+struct PodCounts {
+    restarts: u64,
+    gaps: u64,
+    duplicates: u64,
+    orphaned: u64,
+}
+
 #[derive(Debug, Default)]
 struct PodState {
     /// The model the pod serves: seeds block 0's hash.
@@ -121,6 +148,8 @@ struct PodState {
     /// by `begin_resync`, raised past each duplicate, cleared by the first live batch that is not one. Without it a
     /// queued live copy of a replayed batch (seq <= last) would read as a publisher restart.
     dup_floor: Option<u64>,
+    /// This pod's share of the global counters, so metrics can tell which pod is gapping or restarting.
+    counts: PodCounts,
 }
 
 /// The precise index over all pods of a pool.
@@ -204,6 +233,7 @@ impl PreciseIndex {
         {
             // Copies arrive in publishing order, so the next one must be above this one.
             st.dup_floor = Some(seq + 1);
+            st.counts.duplicates += 1;
             self.stats.duplicates += 1;
             return SeqCheck::Duplicate;
         }
@@ -211,7 +241,9 @@ impl PreciseIndex {
             Some(l) if seq <= l => {
                 self.stats.restarts += 1;
                 self.clear_slot(pod.0);
-                self.state[pod.0 as usize].last_seq = None;
+                let st = &mut self.state[pod.0 as usize];
+                st.last_seq = None;
+                st.counts.restarts += 1;
                 0
             }
             Some(l) => l + 1,
@@ -221,6 +253,7 @@ impl PreciseIndex {
             SeqCheck::InOrder
         } else {
             self.stats.gaps += 1;
+            self.state[pod.0 as usize].counts.gaps += 1;
             SeqCheck::Gap { from: expected }
         }
     }
@@ -313,13 +346,13 @@ impl PreciseIndex {
                     Some(ph) => match st.engine.get(ph) {
                         Some(&s) => Some(self.table.get(s).key),
                         None => {
-                            self.stats.orphaned += block_hashes.len() as u64;
+                            self.orphaned(p, block_hashes.len());
                             return;
                         }
                     },
                 };
                 if bs == 0 || token_ids.len() < block_hashes.len() * bs {
-                    self.stats.orphaned += block_hashes.len() as u64;
+                    self.orphaned(p, block_hashes.len());
                     return;
                 }
                 let hasher = PrefixHasher::new(lora_name.as_deref().unwrap_or(&st.model), None, bs);
@@ -344,6 +377,11 @@ impl PreciseIndex {
             }
             KvCacheEvent::AllBlocksCleared => self.clear_slot(p),
         }
+    }
+
+    fn orphaned(&mut self, p: u32, blocks: usize) {
+        self.stats.orphaned += blocks as u64;
+        self.state[p as usize].counts.orphaned += blocks as u64;
     }
 
     fn store(&mut self, p: u32, engine_hash: u64, key: u64) {
@@ -489,6 +527,20 @@ impl PreciseIndex {
         self.stats
     }
 
+    /// What the index holds and has counted for one registered pod (O(1): for scrape-time metrics).
+    pub fn pod_stats(&self, pod: PodSlot) -> Option<PodStats> {
+        self.pods.id(pod)?;
+        let st = self.state.get(pod.0 as usize)?;
+        Some(PodStats {
+            blocks: st.engine.len() as u64,
+            last_seq: st.last_seq,
+            restarts: st.counts.restarts,
+            gaps: st.counts.gaps,
+            duplicates: st.counts.duplicates,
+            orphaned: st.counts.orphaned,
+        })
+    }
+
     pub fn config(&self) -> PreciseConfig {
         self.cfg
     }
@@ -598,6 +650,53 @@ mod tests {
             SeqCheck::Gap { from: 0 },
             "joined late: replay history"
         );
+    }
+
+    #[test]
+    fn pod_stats_count_each_pods_own_gaps_restarts_duplicates_and_orphans() {
+        let mut ix = PreciseIndex::default();
+        let a = ix.add_pod(&id(0), "m");
+        let b = ix.add_pod(&id(1), "m");
+        ix.begin_resync(a);
+        let replayed: Vec<(u64, KvEventBatch)> = (0..3).map(|s| (s, store_batch(s))).collect();
+        ix.apply_replay(a, replayed.iter().map(|(s, b)| (*s, b)), None);
+        assert_eq!(ix.check_seq(a, 2), SeqCheck::Duplicate);
+        assert_eq!(ix.check_seq(a, 5), SeqCheck::Gap { from: 3 });
+        ix.apply_batch(a, 5, &batch(vec![stored(&[7], Some(999), &[1, 2, 3, 4])]));
+        assert_eq!(ix.check_seq(b, 0), SeqCheck::InOrder);
+        ix.apply_batch(b, 0, &store_batch(9));
+        assert_eq!(
+            ix.pod_stats(a),
+            Some(PodStats {
+                blocks: 3,
+                last_seq: Some(5),
+                restarts: 0,
+                gaps: 1,
+                duplicates: 1,
+                orphaned: 1,
+            })
+        );
+        // A restart clears the pod's blocks and last seq but keeps its counts.
+        assert_eq!(ix.check_seq(a, 0), SeqCheck::InOrder);
+        let sa = ix.pod_stats(a).unwrap();
+        assert_eq!(
+            (sa.blocks, sa.last_seq, sa.restarts, sa.gaps),
+            (0, None, 1, 1)
+        );
+        assert_eq!(
+            ix.pod_stats(b),
+            Some(PodStats {
+                blocks: 1,
+                last_seq: Some(0),
+                ..PodStats::default()
+            }),
+            "the other pod's counts are its own"
+        );
+        assert_eq!(ix.stats().gaps, 1);
+        ix.remove_pod(&id(0));
+        assert_eq!(ix.pod_stats(a), None);
+        let a = ix.add_pod(&id(0), "m");
+        assert_eq!(ix.pod_stats(a), Some(PodStats::default()));
     }
 
     fn batch(evs: Vec<KvCacheEvent>) -> KvEventBatch {
