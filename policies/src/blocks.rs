@@ -128,29 +128,47 @@ impl PrefixHasher {
     /// Chained hash of one block: `xxh3_64(le_u32 ids, seed = parent or model seed)` (xxh3: about twice xxh64's speed
     /// on 64-byte inputs, and this runs once per block of every routed prompt).
     pub fn hash_block(&self, parent: Option<u64>, tokens: &[u32]) -> u64 {
-        let mut buf = [0u8; 4 * 64];
-        let seed = parent.unwrap_or(self.seed);
-        if tokens.len() <= 64 {
-            for (i, t) in tokens.iter().enumerate() {
-                buf[i * 4..i * 4 + 4].copy_from_slice(&t.to_le_bytes());
-            }
-            xxh3_64_with_seed(&buf[..tokens.len() * 4], seed)
-        } else {
-            let v: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-            xxh3_64_with_seed(&v, seed)
-        }
+        xxh3_le(tokens, parent.unwrap_or(self.seed))
     }
 
     /// Hashes of every full block of `tokens`, chained from the first.
     pub fn block_hashes(&self, tokens: &[u32]) -> Vec<u64> {
-        let mut out = Vec::with_capacity(tokens.len() / self.block_size);
-        let mut parent = None;
-        for chunk in tokens.chunks_exact(self.block_size) {
-            let h = self.hash_block(parent, chunk);
-            out.push(h);
-            parent = Some(h);
+        // The common block size as a constant lets xxh3's length dispatch and offsets fold away for every block.
+        if self.block_size == BLOCK_SIZE {
+            chain(tokens, BLOCK_SIZE, self.seed)
+        } else {
+            chain(tokens, self.block_size, self.seed)
         }
-        out
+    }
+}
+
+/// Each block's hash seeds the next, so hashing is one dependency chain and anything added to it costs every block.
+/// Hence a local `seed` (through a closure capture it went through memory: a store-to-load forward per block) and a
+/// pre-sized output (`push`'s grow call in the loop made the compiler spill the multiply results to the stack).
+#[inline(always)]
+fn chain(tokens: &[u32], block_size: usize, mut seed: u64) -> Vec<u64> {
+    let mut out = vec![0; tokens.len() / block_size];
+    for (slot, block) in out.iter_mut().zip(tokens.chunks_exact(block_size)) {
+        seed = xxh3_le(block, seed);
+        *slot = seed;
+    }
+    out
+}
+
+/// xxh3-64 of `tokens` serialised little-endian. The copy into `buf` costs nothing where it matters: with the block
+/// size a constant (16) the compiler reads the tokens' own memory on little-endian targets, and it is off the chain's
+/// critical path anyway (the tokens do not depend on the seed).
+#[inline(always)]
+fn xxh3_le(tokens: &[u32], seed: u64) -> u64 {
+    let mut buf = [0u8; 4 * 64];
+    if tokens.len() <= 64 {
+        for (bytes, t) in buf.chunks_exact_mut(4).zip(tokens) {
+            bytes.copy_from_slice(&t.to_le_bytes());
+        }
+        xxh3_64_with_seed(&buf[..tokens.len() * 4], seed)
+    } else {
+        let v: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        xxh3_64_with_seed(&v, seed)
     }
 }
 
@@ -249,5 +267,53 @@ mod tests {
         let q = PrefixHasher::new("other", None, 16);
         assert_ne!(p.block_hashes(&toks)[0], q.block_hashes(&toks)[0]);
         assert_eq!(p.block_hashes(&toks[..32]), p.block_hashes(&toks));
+    }
+
+    /// The values the router's prefix index and the precise index's rebuilt keys have always had (computed with the
+    /// implementation before the block-size-16 specialisation): a change here orphans every indexed block.
+    #[test]
+    fn prefix_hashes_are_pinned() {
+        let toks: Vec<u32> = (0..70u32)
+            .map(|i| i.wrapping_mul(2_654_435_761) >> 7)
+            .collect();
+        let first_last = |bs: usize| {
+            let h = PrefixHasher::new("llama-3.1-8b", Some("tenant"), bs).block_hashes(&toks);
+            (h.len(), h[0], h[h.len() - 1])
+        };
+        assert_eq!(first_last(1), (70, 0x21a55aab22b6246c, 0x893ba96ea450bc77));
+        assert_eq!(first_last(4), (17, 0x7ecbc97f95a45211, 0xe6263dfdf103d3a8));
+        assert_eq!(first_last(16), (4, 0x1e0f5d93033f0f3d, 0x9bd728cda8696d2e));
+        assert_eq!(first_last(33), (2, 0x382a9df41d3bd6a0, 0xe4665bc929b093b5));
+        assert_eq!(first_last(65), (1, 0xbf9ef5e62e50fd73, 0xbf9ef5e62e50fd73));
+    }
+
+    proptest::proptest! {
+        /// `block_hashes` (block size 16 specialised) and `hash_block` equal the definition: xxh3 over each block's
+        /// ids serialised little-endian, seeded by the previous block's hash (the model seed for block 0).
+        #[test]
+        fn prefix_hashes_match_the_byte_serialised_definition(
+            toks in proptest::collection::vec(proptest::prelude::any::<u32>(), 0..200),
+            bs in 1usize..40,
+        ) {
+            for bs in [bs, BLOCK_SIZE] {
+                let p = PrefixHasher::new("m", None, bs);
+                let mut parent = None;
+                let want: Vec<u64> = toks
+                    .chunks_exact(bs)
+                    .map(|c| {
+                        let bytes: Vec<u8> = c.iter().flat_map(|t| t.to_le_bytes()).collect();
+                        let h = xxh3_64_with_seed(&bytes, parent.unwrap_or(p.seed));
+                        parent = Some(h);
+                        h
+                    })
+                    .collect();
+                proptest::prop_assert_eq!(p.block_hashes(&toks), want.clone());
+                if let Some(&last) = want.last() {
+                    let n = want.len();
+                    let prev = (n > 1).then(|| want[n - 2]);
+                    proptest::prop_assert_eq!(p.hash_block(prev, &toks[(n - 1) * bs..n * bs]), last);
+                }
+            }
+        }
     }
 }
