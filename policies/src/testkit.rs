@@ -31,3 +31,46 @@ pub fn now() -> Instant {
     #[allow(clippy::disallowed_methods)]
     Instant::now()
 }
+
+/// Pools of up to `max` endpoints for property tests of the pickers: every role, mostly available, loads drawn from
+/// few values so scores tie (ties are where the RNG is drawn) and hot holders look imbalanced to the load gate.
+pub fn arb_pool(
+    max: usize,
+) -> impl proptest::strategy::Strategy<Value = Vec<crate::endpoint::EndpointView>> {
+    use crate::endpoint::{EndpointView, Role, ScrapedLoad};
+    use proptest::prelude::*;
+    let one = (
+        prop_oneof![Just(Role::Both), Just(Role::Prefill), Just(Role::Decode)],
+        proptest::bool::weighted(0.85),
+        prop_oneof![Just(0u32), Just(2), 0u32..40],
+        prop_oneof![Just(0u64), 0u64..300_000],
+        prop_oneof![Just(0u64), Just(8_192), 0u64..40_000],
+        proptest::option::weighted(0.8, (0u32..4, 0u32..64, prop_oneof![Just(10u8), 0u8..=100])),
+    );
+    proptest::collection::vec(one, 0..=max).prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .map(
+                |(
+                    index,
+                    (role, available, in_flight, in_flight_tokens, prefill_tokens, scraped),
+                )| {
+                    EndpointView {
+                        index,
+                        role,
+                        available,
+                        in_flight,
+                        in_flight_tokens,
+                        prefill_tokens,
+                        scraped: scraped.map(|(waiting, running, kv)| ScrapedLoad {
+                            waiting,
+                            running,
+                            kv_usage: f64::from(kv) / 100.0,
+                            age_ms: 10,
+                        }),
+                    }
+                },
+            )
+            .collect()
+    })
+}

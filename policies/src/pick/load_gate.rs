@@ -128,16 +128,34 @@ impl LoadGate {
         eps: &[EndpointView],
         facts: &mut RequestFacts,
     ) -> GateOutcome {
+        let out = self.assess(req, eps.iter(), facts);
+        for &(i, _) in &out.gated {
+            if let Some(m) = facts.matched.get_mut(i) {
+                *m = 0;
+            }
+        }
+        out
+    }
+
+    /// What [`Self::apply`] would gate among the candidates `eps`, leaving `facts` untouched: the decision path
+    /// copies the prefix matches only when a hit is actually dropped, and passes its role-filtered candidates
+    /// without collecting them.
+    pub fn assess<'a, I>(&self, req: &RequestView, eps: I, facts: &RequestFacts) -> GateOutcome
+    where
+        I: Iterator<Item = &'a EndpointView> + Clone,
+    {
         let prompt = Self::prompt_tokens(req, facts);
         let ttft = |e: &EndpointView| {
             self.cost
                 .ttft_s(e, prompt, facts.matched_tokens(e.index, prompt))
         };
-        let best = eps
-            .iter()
-            .filter(|e| e.available)
-            .map(ttft)
-            .fold(f64::INFINITY, f64::min);
+        let (best, least) = eps.clone().filter(|e| e.available).fold(
+            (f64::INFINITY, None::<u64>),
+            |(best, least), e| {
+                let load = e.outstanding();
+                (best.min(ttft(e)), Some(least.map_or(load, |l| l.min(load))))
+            },
+        );
         let mut out = GateOutcome {
             gated: Vec::new(),
             best_ttft_s: if best.is_finite() { best } else { 0.0 },
@@ -145,12 +163,7 @@ impl LoadGate {
         if !best.is_finite() {
             return out;
         }
-        let least = eps
-            .iter()
-            .filter(|e| e.available)
-            .map(EndpointView::outstanding)
-            .min()
-            .unwrap_or(0);
+        let least = least.unwrap_or(0);
         let imbalanced = |e: &EndpointView| {
             let load = e.outstanding();
             load.saturating_sub(least) > Self::IMBALANCE_ABS
@@ -158,20 +171,14 @@ impl LoadGate {
         };
         let overloaded =
             |e: &EndpointView| e.outstanding().saturating_sub(least) > Self::OVERLOAD_ABS;
-        let over: Vec<usize> = eps
-            .iter()
-            .filter(|e| {
-                e.available
-                    && facts.matched(e.index) > 0
-                    && imbalanced(e)
-                    && (ttft(e) > best + self.margin_s || overloaded(e))
-            })
-            .map(|e| e.index)
-            .collect();
-        for i in over {
-            out.gated.push((i, facts.matched(i)));
-            if let Some(m) = facts.matched.get_mut(i) {
-                *m = 0;
+        for e in eps {
+            let m = facts.matched(e.index);
+            if e.available
+                && m > 0
+                && imbalanced(e)
+                && (ttft(e) > best + self.margin_s || overloaded(e))
+            {
+                out.gated.push((e.index, m));
             }
         }
         out

@@ -16,6 +16,8 @@ pub mod load_gate;
 pub mod pd;
 pub mod prefix;
 pub mod profile;
+#[cfg(test)]
+mod reference;
 pub mod scorers;
 pub mod session;
 
@@ -46,6 +48,15 @@ pub trait Filter: Send + Sync + fmt::Debug {
 pub trait Scorer: Send + Sync + fmt::Debug {
     fn name(&self) -> &'static str;
     fn score(&self, req: &RequestView, eps: &[EndpointView], now: Instant, out: &mut [f64]);
+}
+
+impl<S: Scorer + ?Sized> Scorer for &S {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn score(&self, req: &RequestView, eps: &[EndpointView], now: Instant, out: &mut [f64]) {
+        (**self).score(req, eps, now, out);
+    }
 }
 
 /// How the final endpoint is chosen among filtered candidates.
@@ -195,64 +206,87 @@ impl Pipeline {
         if eps.is_empty() {
             return Err(NoEligibleEndpoint::Empty);
         }
-        let mut cands: Vec<EndpointView> = eps.to_vec();
-        for f in &self.filters {
-            cands.retain(|e| f.keep(req, e));
-            if cands.is_empty() {
-                return Err(NoEligibleEndpoint::Filtered { by: f.name() });
-            }
-        }
-        let n = cands.len();
-        // Per-scorer raw scores, scorer-major: raw[s * n + i].
-        let mut raw = vec![0.0; self.scorers.len() * n];
-        let mut totals = vec![0.0; n];
-        for (s, w) in self.scorers.iter().enumerate() {
-            let out = &mut raw[s * n..(s + 1) * n];
-            w.scorer.score(req, &cands, now, out);
-            for (i, v) in out.iter_mut().enumerate() {
-                *v = if v.is_finite() {
-                    v.clamp(0.0, 1.0)
-                } else {
-                    0.0
-                };
-                totals[i] += w.weight * *v;
-            }
-        }
-        let pos = match &self.picker {
-            Picker::RoundRobin(cursor) => {
-                (cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
-            }
-            Picker::Random => uniform(rng, n),
-            Picker::MaxScore => max_score(&totals, rng),
-            Picker::WeightedRandom => weighted_random(&totals, rng),
-            Picker::PowerOfTwo => {
-                if n == 1 {
-                    0
-                } else {
-                    let a = uniform(rng, n);
-                    let mut b = uniform(rng, n - 1);
-                    if b >= a {
-                        b += 1;
-                    }
-                    let (oa, ob) = (cands[a].outstanding(), cands[b].outstanding());
-                    if ob < oa || (ob == oa && totals[b] > totals[a]) {
-                        b
-                    } else {
-                        a
-                    }
+        // Usually every endpoint passes: score the caller's slice instead of a filtered copy.
+        let all = eps
+            .iter()
+            .all(|e| self.filters.iter().all(|f| f.keep(req, e)));
+        let owned: Vec<EndpointView>;
+        let cands = if all {
+            eps
+        } else {
+            let mut c = eps.to_vec();
+            for f in &self.filters {
+                c.retain(|e| f.keep(req, e));
+                if c.is_empty() {
+                    return Err(NoEligibleEndpoint::Filtered { by: f.name() });
                 }
             }
+            owned = c;
+            &owned
         };
-        Ok(Choice {
-            index: cands[pos].index,
-            total: totals[pos],
-            scores: self
-                .scorers
-                .iter()
-                .enumerate()
-                .map(|(s, w)| (w.scorer.name(), raw[s * n + pos]))
-                .collect(),
-        })
+        let scorers = self.scorers.iter().map(|w| (&*w.scorer, w.weight));
+        Ok(score_and_pick(scorers, &self.picker, req, cands, now, rng))
+    }
+}
+
+/// The score and pick stages over filtered, non-empty `cands`: each weighted scorer's raw scores (clamped to
+/// `[0, 1]`, non-finite as 0) summed into totals in scorer order, then the picker. Shared by [`Pipeline::select`]
+/// and [`profile::Profile::decide`], which builds its scorers per request without boxing them.
+pub(crate) fn score_and_pick<S: Scorer>(
+    scorers: impl Iterator<Item = (S, f64)> + Clone,
+    picker: &Picker,
+    req: &RequestView,
+    cands: &[EndpointView],
+    now: Instant,
+    rng: &mut dyn RngCore,
+) -> Choice {
+    let n = cands.len();
+    let k = scorers.clone().count();
+    // Per-scorer raw scores, scorer-major (raw[s * n + i]), then the totals: one allocation.
+    let mut buf = vec![0.0; (k + 1) * n];
+    let (raw, totals) = buf.split_at_mut(k * n);
+    for (s, (scorer, weight)) in scorers.clone().enumerate() {
+        let out = &mut raw[s * n..(s + 1) * n];
+        scorer.score(req, cands, now, out);
+        for (v, t) in out.iter_mut().zip(totals.iter_mut()) {
+            *v = if v.is_finite() {
+                v.clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            *t += weight * *v;
+        }
+    }
+    let pos = match picker {
+        Picker::RoundRobin(cursor) => (cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize,
+        Picker::Random => uniform(rng, n),
+        Picker::MaxScore => max_score(totals, rng),
+        Picker::WeightedRandom => weighted_random(totals, rng),
+        Picker::PowerOfTwo => {
+            if n == 1 {
+                0
+            } else {
+                let a = uniform(rng, n);
+                let mut b = uniform(rng, n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (oa, ob) = (cands[a].outstanding(), cands[b].outstanding());
+                if ob < oa || (ob == oa && totals[b] > totals[a]) {
+                    b
+                } else {
+                    a
+                }
+            }
+        }
+    };
+    Choice {
+        index: cands[pos].index,
+        total: totals[pos],
+        scores: scorers
+            .enumerate()
+            .map(|(s, (scorer, _))| (scorer.name(), raw[s * n + pos]))
+            .collect(),
     }
 }
 
@@ -481,6 +515,47 @@ mod tests {
             match a {
                 Ok(c) => prop_assert!(eps[c.index].available),
                 Err(_) => prop_assert!(eps.iter().all(|e| !e.available)),
+            }
+        }
+
+        /// `select` (no copy when every endpoint passes, one score buffer, scoring shared with the profiles) picks
+        /// exactly as the code before it did: same result, same scores, same RNG draws.
+        #[test]
+        fn select_decides_as_the_reference_implementation(
+            eps in crate::testkit::arb_pool(12),
+            picker in 0usize..5,
+            decode_only in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let picker = || match picker {
+                0 => Picker::MaxScore,
+                1 => Picker::Random,
+                2 => Picker::WeightedRandom,
+                3 => Picker::RoundRobin(AtomicU64::new(0)),
+                _ => Picker::PowerOfTwo,
+            };
+            let filters = || -> Vec<Box<dyn Filter>> {
+                if decode_only { vec![Box::new(scorers::DecodeCapable)] } else { vec![] }
+            };
+            let scorers = || -> Vec<Weighted> {
+                ["least-requests", "queue", "kv-cache-utilization", "token-load", "prefill-backlog"]
+                    .iter()
+                    .zip([1.0, 2.0, 0.5, 1.5, 2.0])
+                    .map(|(n, weight)| Weighted { scorer: scorers::scorer_by_name(n).unwrap(), weight })
+                    .collect()
+            };
+            let p = Pipeline::new(filters(), scorers(), picker());
+            let mut all: Vec<Box<dyn Filter>> = vec![Box::new(scorers::Available)];
+            all.extend(filters());
+            let (ref_scorers, ref_picker) = (scorers(), picker());
+            let (mut a, mut b) = (Seeded(seed), Seeded(seed));
+            let t = now();
+            for _ in 0..3 {
+                let new = p.select(&RequestView::default(), &eps, t, &mut a);
+                let old = reference::select(
+                    &all, &ref_scorers, &ref_picker, &RequestView::default(), &eps, t, &mut b);
+                prop_assert_eq!(new, old);
+                prop_assert_eq!(a.0, b.0);
             }
         }
     }
