@@ -1,5 +1,5 @@
 //! End-to-end: the real `weir serve` binary in front of real `weir sim` processes on loopback — both APIs streaming
-//! and not, usage stripping, cancellation reaching the engine, every fault hook, breaker opening, drain on SIGTERM.
+//! and not, usage stripping, cancellation reaching the engine, every fault hook, breaker opening and closing, drain on SIGTERM.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -248,6 +248,85 @@ async fn failing_pod_is_ejected_and_traffic_flows_to_the_healthy_one() {
         2.0,
         "{t}"
     );
+}
+
+#[tokio::test]
+async fn a_pod_that_recovers_is_probed_and_its_breaker_closes() {
+    let good = sim(&[]).await;
+    let mut bad = sim(&["--error-rate", "100", "--error-kinds", "server_error"]).await;
+    let port = port_of(bad.url()).to_string();
+    let r = serve(
+        &[&good, &bad],
+        &[
+            "--breaker-threshold",
+            "2",
+            "--breaker-base-ejection",
+            "300ms",
+        ],
+    )
+    .await;
+    let body = json!({"model": "m", "prompt": "x", "max_tokens": 2});
+    let completions = format!("{}/v1/completions", r.url());
+    let m = format!("{}/metrics", r.url());
+    let bad_id = endpoint_id(bad.url());
+    let breaker = async |m: &str| {
+        metric_sum(
+            &get_text(m).await,
+            "weir_endpoint_breaker_state",
+            &format!("endpoint=\"{bad_id}\""),
+        )
+    };
+    for _ in 0..6 {
+        let (st, _, text) = post_json_full(&completions, &body, &[]).await;
+        assert_eq!(st, 200, "{text}");
+    }
+    eventually(
+        Duration::from_secs(5),
+        "the bad pod's breaker to open",
+        async || breaker(&m).await == 1.0,
+    )
+    .await;
+    // The pod is replaced by a healthy one on the same address (a restarted container keeps its pod IP).
+    bad.terminate();
+    bad.wait_exit(Duration::from_secs(10)).await;
+    let _healed = Weir::start(&[
+        "sim",
+        "--port",
+        &port,
+        "--time-scale",
+        "50",
+        "--startup-delay",
+        "0",
+        "--served-model-name",
+        "m",
+    ])
+    .ready()
+    .await;
+    let picks = |t: &str| {
+        metric_sum(
+            t,
+            "weir_endpoint_picks_total",
+            &format!("endpoint=\"{bad_id}\""),
+        )
+    };
+    let before = picks(&get_text(&m).await);
+    // Once its ejection ends, one request probes the pod; its success closes the breaker and traffic returns.
+    eventually(
+        Duration::from_secs(10),
+        "the recovered pod's breaker to close and take traffic again",
+        async || {
+            let (st, _, text) = post_json_full(&completions, &body, &[]).await;
+            assert_eq!(st, 200, "{text}");
+            let t = get_text(&m).await;
+            picks(&t) >= before + 3.0
+                && metric_sum(
+                    &t,
+                    "weir_endpoint_breaker_state",
+                    &format!("endpoint=\"{bad_id}\""),
+                ) == 0.0
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
