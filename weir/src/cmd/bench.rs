@@ -172,21 +172,6 @@ fn parse_header(h: &str) -> anyhow::Result<(HeaderName, HeaderValue)> {
     ))
 }
 
-/// Raise the open-files soft limit to the hard limit so thousands of connections fit.
-fn raise_nofile(want: usize) {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) if (n as usize) < want + 64 => {
-            tracing::warn!(
-                limit = n,
-                want,
-                "open-file limit is below the concurrency; connections may fail"
-            )
-        }
-        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
-    }
-}
-
 /// `GET <url>/v1/models` and take the first id.
 async fn discover_model(base: &str) -> anyhow::Result<String> {
     use http_body_util::{BodyExt, Full};
@@ -356,7 +341,7 @@ async fn run_async(a: BenchArgs) -> anyhow::Result<()> {
         Mode::Closed { concurrency } => concurrency.min(a.max_in_flight),
         _ => a.max_in_flight,
     };
-    raise_nofile(want);
+    super::raise_nofile_limit(Some(want));
     let config_echo = serde_json::json!({
         "url": a.url, "model": model, "api": a.api, "stream": stream,
         "workload": a.trace.as_ref().map_or_else(|| serde_json::json!(a.workload), |p| serde_json::json!(format!("trace:{}", p.display()))),

@@ -256,6 +256,7 @@ pub(crate) async fn shutdown_signal() {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = build_config(&args)?;
+    super::raise_nofile_limit(None);
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if let Some(n) = args.threads {

@@ -210,6 +210,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: SimArgs) -> anyhow::Result<()> {
+    super::raise_nofile_limit(None);
     // Parsed once, shared by every pod of a fleet.
     let tokenizer = match &args.tokenizer {
         Some(path) => sim::fleet::PodTokenizer(
