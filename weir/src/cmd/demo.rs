@@ -35,6 +35,8 @@ pub struct DemoArgs {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    // The router and every simulated pod share this process's descriptors.
+    super::raise_nofile_limit(None);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
