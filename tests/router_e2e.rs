@@ -268,14 +268,9 @@ async fn a_pod_that_recovers_is_probed_and_its_breaker_closes() {
     let body = json!({"model": "m", "prompt": "x", "max_tokens": 2});
     let completions = format!("{}/v1/completions", r.url());
     let m = format!("{}/metrics", r.url());
-    let bad_id = endpoint_id(bad.url());
-    let breaker = async |m: &str| {
-        metric_sum(
-            &get_text(m).await,
-            "weir_endpoint_breaker_state",
-            &format!("endpoint=\"{bad_id}\""),
-        )
-    };
+    let bad_label = format!("endpoint=\"{}\"", endpoint_id(bad.url()));
+    let breaker = |t: &str| metric_sum(t, "weir_endpoint_breaker_state", &bad_label);
+    let picks = |t: &str| metric_sum(t, "weir_endpoint_picks_total", &bad_label);
     for _ in 0..6 {
         let (st, _, text) = post_json_full(&completions, &body, &[]).await;
         assert_eq!(st, 200, "{text}");
@@ -283,7 +278,7 @@ async fn a_pod_that_recovers_is_probed_and_its_breaker_closes() {
     eventually(
         Duration::from_secs(5),
         "the bad pod's breaker to open",
-        async || breaker(&m).await == 1.0,
+        async || breaker(&get_text(&m).await) == 1.0,
     )
     .await;
     // The pod is replaced by a healthy one on the same address (a restarted container keeps its pod IP).
@@ -302,13 +297,6 @@ async fn a_pod_that_recovers_is_probed_and_its_breaker_closes() {
     ])
     .ready()
     .await;
-    let picks = |t: &str| {
-        metric_sum(
-            t,
-            "weir_endpoint_picks_total",
-            &format!("endpoint=\"{bad_id}\""),
-        )
-    };
     let before = picks(&get_text(&m).await);
     // Once its ejection ends, one request probes the pod; its success closes the breaker and traffic returns.
     eventually(
@@ -318,12 +306,7 @@ async fn a_pod_that_recovers_is_probed_and_its_breaker_closes() {
             let (st, _, text) = post_json_full(&completions, &body, &[]).await;
             assert_eq!(st, 200, "{text}");
             let t = get_text(&m).await;
-            picks(&t) >= before + 3.0
-                && metric_sum(
-                    &t,
-                    "weir_endpoint_breaker_state",
-                    &format!("endpoint=\"{bad_id}\""),
-                ) == 0.0
+            picks(&t) >= before + 3.0 && breaker(&t) == 0.0
         },
     )
     .await;
