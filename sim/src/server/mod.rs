@@ -247,7 +247,9 @@ async fn version() -> Response {
 }
 
 async fn metrics(State(s): State<PodState>) -> Response {
-    let text = s.0.metrics.lock().render();
+    // Rendered from a copy: the engine driver updates the series every step and must not wait out a render.
+    let snapshot = s.0.metrics.lock().clone();
+    let text = snapshot.render();
     (
         [(
             header::CONTENT_TYPE,
