@@ -588,7 +588,7 @@ fn push_float(out: &mut String, v: f64) {
 }
 
 /// The exposition being written. Scraped every 50-200 ms by every router in front of the pod, and rendered on the
-/// pod's own runtime thread, so it writes straight into one buffer: a render allocating per line took ~1.3 ms per
+/// pod's own runtime thread, so it writes straight into one buffer: a render allocating per line took ~1 ms per
 /// scrape, a stall every request on the pod waited out.
 struct Writer {
     out: String,

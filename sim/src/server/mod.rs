@@ -465,9 +465,22 @@ pub async fn serve(
     state: PodState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
+    axum::serve(nodelay(listener), app(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Accepted connections with Nagle's algorithm off, as vLLM's: Python's asyncio sets `TCP_NODELAY` on every TCP
+/// transport, so each SSE chunk leaves when written instead of waiting for the previous one's ACK.
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|s| {
+        if let Err(e) = s.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    })
 }
 
 #[cfg(test)]

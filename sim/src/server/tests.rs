@@ -266,3 +266,17 @@ async fn tokenize_render_and_models() {
         " the and"
     );
 }
+
+/// Connections the pod accepts have Nagle's algorithm off (vLLM's asyncio transports do), so a stream's chunks are not
+/// held back waiting for ACKs.
+#[tokio::test]
+async fn accepted_connections_have_nodelay() {
+    use axum::serve::Listener;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut l = nodelay(listener);
+    let client = tokio::spawn(tokio::net::TcpStream::connect(addr));
+    let (io, _) = l.accept().await;
+    assert!(io.nodelay().unwrap());
+    client.await.unwrap().unwrap();
+}
