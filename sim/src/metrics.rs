@@ -579,7 +579,8 @@ fn push_label(out: &mut String, k: &str, v: &str) {
 /// A sample value: integral values below 10^6 (most samples: counts, bucket totals) without the general
 /// shortest-round-trip formatting, which is the same text for them (`5.0`) at a fraction of the cost.
 fn push_float(out: &mut String, v: f64) {
-    if (0.0..1e6).contains(&v) && v.fract() == 0.0 && !(v == 0.0 && v.is_sign_negative()) {
+    // `-0.0` prints as `-0.0`, so it takes the general path.
+    if v.is_sign_positive() && v < 1e6 && v.fract() == 0.0 {
         out.push_str(itoa::Buffer::new().format(v as u64));
         out.push_str(".0");
     } else {
@@ -632,21 +633,24 @@ impl Writer {
         out.push('}');
     }
 
-    /// `name{labels} value\n`.
-    fn sample(&mut self, name: &str, suffix: &str, extra: Option<(&str, &str)>, v: f64) {
+    /// `name{labels} ` (a sample line up to its value).
+    fn series(&mut self, name: &str, suffix: &str, extra: Option<(&str, &str)>) {
         self.out.push_str(name);
         self.out.push_str(suffix);
         self.labels(extra);
         self.out.push(' ');
+    }
+
+    /// `name{labels} value\n`.
+    fn sample(&mut self, name: &str, suffix: &str, extra: Option<(&str, &str)>, v: f64) {
+        self.series(name, suffix, extra);
         push_float(&mut self.out, v);
         self.out.push('\n');
     }
 
+    /// `name_created{labels} <creation time>\n`.
     fn created(&mut self, name: &str, extra: Option<(&str, &str)>) {
-        self.out.push_str(name);
-        self.out.push_str("_created");
-        self.labels(extra);
-        self.out.push(' ');
+        self.series(name, "_created", extra);
         let Writer { out, created, .. } = self;
         out.push_str(created);
         out.push('\n');
