@@ -68,6 +68,8 @@ pub struct PodOptions {
     pub slow_factor: f64,
     /// Real seconds before `/health` is 200; `None` = the profile's start-up time / time-scale.
     pub startup_delay: Option<f64>,
+    /// Hold every generation response until this long after its request arrived (see [`PodConfig::min_latency`]).
+    pub min_latency: Duration,
     /// Bearer key guarding `/v1/*`.
     pub api_key: Option<String>,
     /// Report cached prompt tokens in usage.
@@ -121,6 +123,7 @@ impl PodOptions {
             jitter: 0.05,
             slow_factor: 1.0,
             startup_delay: None,
+            min_latency: Duration::ZERO,
             api_key: None,
             enable_prompt_tokens_details: false,
             max_body_bytes: 32 * 1024 * 1024,
@@ -292,6 +295,7 @@ pub async fn start_pod(
         http_port: port,
         tp: profile.tp,
         startup_delay: Duration::from_secs_f64(delay),
+        min_latency: o.min_latency,
         seed: o.seed,
     };
     let faults = Faults::new(FaultConfig {

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod faults;
 pub mod fleet;
 pub mod metrics;
+pub mod precise;
 pub mod profile;
 pub mod server;
 pub mod workload;

@@ -103,6 +103,16 @@ async fn render(s: PodState, headers: HeaderMap, body: Body, api: Api) -> Respon
 }
 
 async fn handle(s: PodState, headers: HeaderMap, body: Body, api: Api) -> Response {
+    let arrived = tokio::time::Instant::now();
+    let floor = s.0.cfg.min_latency;
+    let res = respond(s, headers, body, api).await;
+    if !floor.is_zero() {
+        crate::precise::sleep_until(arrived + floor).await;
+    }
+    res
+}
+
+async fn respond(s: PodState, headers: HeaderMap, body: Body, api: Api) -> Response {
     if let Err(r) = check_auth(&s, &headers) {
         return r;
     }

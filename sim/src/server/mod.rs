@@ -56,6 +56,10 @@ pub struct PodConfig {
     pub tp: u32,
     /// Real seconds after start before `/health` is 200.
     pub startup_delay: Duration,
+    /// `--min-latency`: hold every generation response until this long after its request arrived (a floor on the
+    /// time to the first byte; zero = none). For measuring what a proxy adds against a backend that takes time
+    /// without taking CPU, as the llm-d simulator's fixed time-to-first-token does.
+    pub min_latency: Duration,
     /// Seed for response ids.
     pub seed: u64,
 }

@@ -41,6 +41,7 @@ fn state_with(f: impl FnOnce(&mut PodConfig)) -> PodState {
         http_port: 1,
         tp: 1,
         startup_delay: Duration::ZERO,
+        min_latency: Duration::ZERO,
         seed: 1,
     };
     f(&mut pc);
@@ -279,4 +280,34 @@ async fn accepted_connections_have_nodelay() {
     let (io, _) = l.accept().await;
     assert!(io.nodelay().unwrap());
     client.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn min_latency_holds_every_generation_response() {
+    use tokio::time::Instant;
+    let floor = Duration::from_millis(60);
+    let fast = state_with(|_| {});
+    let held = state_with(|c| c.min_latency = floor);
+    let stream = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"ignore_eos":true,
+        "stream":true}"#;
+    let bad = r#"{"model":"m","messages":"#;
+    // Without the floor these answer well inside it (time-scale 100), so the floor is what the held pod adds.
+    let t = Instant::now();
+    assert_eq!(
+        call(&fast, "POST", "/v1/chat/completions", CHAT, &[])
+            .await
+            .0,
+        200
+    );
+    assert!(t.elapsed() < floor, "{:?}", t.elapsed());
+    for (body, status) in [(CHAT, 200), (stream, 200), (bad, 400)] {
+        let t = Instant::now();
+        let (st, text, _) = call(&held, "POST", "/v1/chat/completions", body, &[]).await;
+        assert_eq!(st, status, "{text}");
+        assert!(t.elapsed() >= floor, "{:?} for {body}", t.elapsed());
+    }
+    // Health and metrics are not generation responses: never held.
+    let t = Instant::now();
+    assert_eq!(call(&held, "GET", "/health", "", &[]).await.0, 200);
+    assert!(t.elapsed() < floor);
 }

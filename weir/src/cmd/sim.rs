@@ -103,6 +103,11 @@ pub struct SimArgs {
     /// Multiply step time (a slow pod).
     #[arg(long, default_value_t = 1.0)]
     pub slow_factor: f64,
+    /// Hold every generation response until this long after its request arrived (e.g. `5ms`; a floor on time to
+    /// first byte, timed to the microsecond). For measuring what a proxy adds against a backend that takes time
+    /// without taking CPU; with the default `--time-scale 1` the engine's own timing usually exceeds it.
+    #[arg(long, value_parser = crate::cmd::bench::parse_duration, default_value = "0s")]
+    pub min_latency: std::time::Duration,
     /// Tokenize with this HF `tokenizer.json` instead of the byte tokenizer (needs the `hf` cargo feature).
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<std::path::PathBuf>,
@@ -178,6 +183,7 @@ fn pod_options(
     o.jitter = args.jitter;
     o.slow_factor = args.slow_factor;
     o.startup_delay = args.startup_delay;
+    o.min_latency = args.min_latency;
     o.api_key = args.api_key.clone();
     o.enable_prompt_tokens_details = args.enable_prompt_tokens_details;
     o.max_body_bytes = args.max_body_bytes;
