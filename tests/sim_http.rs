@@ -252,3 +252,29 @@ async fn crash_drops_the_stream() {
     let r = res.text().await;
     assert!(r.is_err(), "the connection must break mid-stream: {r:?}");
 }
+
+#[tokio::test]
+async fn min_latency_floors_every_completion() {
+    let sim = Weir::sim_at("1000000", &["--jitter", "0", "--min-latency", "300ms"]).await;
+    let body = json!({"model": MODEL, "prompt": "hi", "max_tokens": 2, "ignore_eos": true});
+    for _ in 0..3 {
+        let t = tokio::time::Instant::now();
+        let (st, b) = post(&format!("{}/v1/completions", sim.url()), &body, &[]).await;
+        assert_eq!(st, 200, "{b}");
+        let took = t.elapsed();
+        // Held to the floor, and not much past it: the engine's own time at this scale is microseconds.
+        assert!(took >= std::time::Duration::from_millis(300), "{took:?}");
+        assert!(took < std::time::Duration::from_millis(1300), "{took:?}");
+    }
+    let out = common::run_weir(
+        &["sim", "--min-latency", "soon"],
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--min-latency") && err.contains("bad duration"),
+        "{err}"
+    );
+}
