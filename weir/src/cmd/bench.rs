@@ -129,28 +129,14 @@ pub struct BenchArgs {
     no_progress: bool,
 }
 
-/// Parse `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds.
+/// Parse `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds, for clap (`weir bench`, `weir sim`): the grammar of
+/// weir's config files (`router::config::parse_duration`), which also refuses values too large for a `Duration`
+/// instead of panicking on them.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: use e.g. 500ms, 30s, 2m"))?;
-    if !(v.is_finite() && v >= 0.0) {
-        return Err(format!("bad duration {s:?}: must be finite and >= 0"));
-    }
-    Ok(Duration::from_secs_f64(v * mult))
+    router::config::parse_duration("duration", s).map_err(|e| match e {
+        router::Error::InvalidConfig { reason, .. } => format!("bad duration: {reason}"),
+        other => format!("bad duration {s:?}: {other}"),
+    })
 }
 
 fn join(base: &str, path: &str) -> anyhow::Result<hyper::Uri> {
@@ -389,6 +375,8 @@ mod tests {
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("soon").is_err());
+        // Finite but too large for a Duration: an error, not a panic.
+        assert!(parse_duration("99999999999999999999999s").is_err());
     }
 
     #[test]
