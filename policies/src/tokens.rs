@@ -75,27 +75,31 @@ impl ByteTokenizer {
 }
 
 impl Tokenizer for ByteTokenizer {
+    /// One pass over the text: every special token starts with `<|`, so only those places are tried. (Searching the
+    /// whole remaining text for each special token at every match made a 50,000-message chat cost minutes: the
+    /// search grew with the square of the number of specials.)
     fn encode(&self, text: &str) -> Vec<TokenId> {
         let mut out = Vec::with_capacity(text.len() / Self::BYTES_PER_TOKEN + 1);
-        let mut rest = text;
-        loop {
-            // Earliest special token in `rest`.
-            let next = SPECIAL_TOKENS
+        let bytes = text.as_bytes();
+        // `plain` is where the text not yet encoded starts; `from` is where the next search for `<|` starts.
+        let (mut plain, mut from) = (0, 0);
+        while let Some(off) = memchr::memmem::find(&bytes[from..], b"<|") {
+            let pos = from + off;
+            match SPECIAL_TOKENS
                 .iter()
-                .filter_map(|(s, id)| rest.find(s).map(|pos| (pos, *s, *id)))
-                .min_by_key(|(pos, _, _)| *pos);
-            match next {
-                Some((pos, s, id)) => {
-                    Self::encode_plain(&rest[..pos], &mut out);
-                    out.push(id);
-                    rest = &rest[pos + s.len()..];
+                .find(|(s, _)| bytes[pos..].starts_with(s.as_bytes()))
+            {
+                Some((s, id)) => {
+                    Self::encode_plain(&text[plain..pos], &mut out);
+                    out.push(*id);
+                    plain = pos + s.len();
+                    from = plain;
                 }
-                None => {
-                    Self::encode_plain(rest, &mut out);
-                    return out;
-                }
+                None => from = pos + 1,
             }
         }
+        Self::encode_plain(&text[plain..], &mut out);
+        out
     }
 
     fn decode_token(&self, id: TokenId) -> String {
@@ -200,7 +204,62 @@ mod tests {
         assert!(common >= sys.len() / 4, "common {common}");
     }
 
+    /// The encoder before it was made linear: the earliest special token found by searching the rest for each one.
+    fn encode_by_search(text: &str) -> Vec<TokenId> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        loop {
+            let next = SPECIAL_TOKENS
+                .iter()
+                .filter_map(|(s, id)| rest.find(s).map(|pos| (pos, *s, *id)))
+                .min_by_key(|(pos, _, _)| *pos);
+            match next {
+                Some((pos, s, id)) => {
+                    ByteTokenizer::encode_plain(&rest[..pos], &mut out);
+                    out.push(id);
+                    rest = &rest[pos + s.len()..];
+                }
+                None => {
+                    ByteTokenizer::encode_plain(rest, &mut out);
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn near_misses_of_special_tokens_are_plain_text() {
+        let text = "<|<|eot_id|><|eot_id<|start_header_id|>x<|end_header_id|<|end_of_text|>";
+        assert_eq!(ByteTokenizer.encode(text), encode_by_search(text));
+        assert_eq!(
+            ByteTokenizer
+                .encode(text)
+                .iter()
+                .filter(|id| **id >= ORDINARY_IDS)
+                .count(),
+            3
+        );
+    }
+
     proptest! {
+        #[test]
+        fn same_ids_as_searching_for_each_special_token(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    "\\PC{0,12}",
+                    Just("<|".to_string()),
+                    Just("<|eot_id|>".to_string()),
+                    Just("<|start_header_id|>".to_string()),
+                    Just("<|end_header_id|>".to_string()),
+                    Just("<|begin_of_text|>".to_string()),
+                ],
+                0..24,
+            )
+        ) {
+            let text = parts.concat();
+            prop_assert_eq!(ByteTokenizer.encode(&text), encode_by_search(&text));
+        }
+
         #[test]
         fn prefix_stable(a in "\\PC{0,200}", b in "\\PC{0,200}") {
             let whole = format!("{a}{b}");
