@@ -14,7 +14,13 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// weir: an OpenAI-compatible control plane for LLM inference on Kubernetes.
 #[derive(Parser, Debug)]
-#[command(name = "weir", version, about, propagate_version = true)]
+// `--version` names the commit the binary was built from (weir/build.rs), e.g. `weir 0.1.0 (abc1234)`.
+#[command(
+    name = "weir",
+    version = env!("WEIR_VERSION"),
+    about,
+    propagate_version = true
+)]
 struct Cli {
     /// Log format.
     #[arg(
