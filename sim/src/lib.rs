@@ -8,6 +8,7 @@
 
 pub mod des;
 pub mod driver;
+pub mod elastic;
 pub mod engine;
 pub mod faults;
 pub mod fleet;

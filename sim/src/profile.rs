@@ -73,6 +73,14 @@ pub struct GpuSpec {
     pub max_num_batched_tokens: u32,
     /// vLLM's default cap on running sequences on this GPU.
     pub max_num_seqs: u32,
+    /// On-demand price of one GPU, USD per hour (what a pod of TP `n` costs is `n` times this).
+    pub price_per_gpu_hour: f64,
+    /// Where `price_per_gpu_hour` comes from (provider, region, instance), so a report can name it.
+    pub price_source: String,
+    /// Board power limit, watts: energy estimates multiply it by GPU-hours.
+    pub power_w: f64,
+    /// GPUs of this type a planner may assume it can obtain on demand (a quota; est.).
+    pub available_gpus: u32,
 }
 
 /// One model's shape (a `[[model]]` entry).
@@ -283,6 +291,16 @@ impl Profile {
         }
     }
 
+    /// On-demand USD per hour of one pod (its TP GPUs), from the GPU's `price_per_gpu_hour`.
+    pub fn price_per_hour(&self) -> f64 {
+        f64::from(self.tp) * self.gpu_spec.price_per_gpu_hour
+    }
+
+    /// Board power of one pod (its TP GPUs), watts.
+    pub fn power_w(&self) -> f64 {
+        f64::from(self.tp) * self.gpu_spec.power_w
+    }
+
     /// The model's Hugging Face name.
     pub fn model_name(&self) -> &str {
         &self.model_spec.name
@@ -419,6 +437,23 @@ mod tests {
 
     fn p(g: &str, m: &str) -> Profile {
         Profile::resolve(g, m).unwrap()
+    }
+
+    #[test]
+    fn prices_power_and_availability_come_from_the_data_with_a_source() {
+        let (gpus, _) = known().unwrap();
+        for g in gpus {
+            assert!(g.price_per_gpu_hour > 0.0, "{}", g.key);
+            assert!(g.price_source.contains("AWS us-east-1"), "{}", g.key);
+            assert!(g.power_w > 0.0 && g.available_gpus > 0, "{}", g.key);
+        }
+        // §7 of the autoscaling reference: $6.88 per H100-hour, $0.80 per L4-hour.
+        assert_eq!(p("h100", "llama-3.1-8b").price_per_hour(), 6.88);
+        assert_eq!(p("l4", "llama-3.1-8b").price_per_hour(), 0.80);
+        // A TP4 pod pays for four GPUs and draws four boards' power.
+        let big = p("h100", "llama-3.1-70b");
+        assert_eq!(big.price_per_hour(), 4.0 * 6.88);
+        assert_eq!(big.power_w(), 4.0 * 700.0);
     }
 
     #[test]
