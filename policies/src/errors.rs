@@ -2,6 +2,10 @@
 //!
 //! vLLM answers `{"error":{"message","type","param","code"}}` with `code` = the integer HTTP status; OpenAI (and weir's
 //! own front door) uses the same envelope with `code` a string such as `"model_not_found"`. One type carries both.
+//!
+//! Besides the envelope, an error says who is to blame ([`Blame`]: the client, the upstream model server or weir
+//! itself) and whether the same request may succeed if retried, as fields rather than strings (pingora's errors), and
+//! optionally how long to wait before retrying (`Retry-After`). The router renders it in one place.
 
 use serde::Serialize;
 
@@ -18,6 +22,34 @@ pub struct ApiError {
     pub param: Option<String>,
     /// OpenAI-style string code (`model_not_found`); vLLM shape ignores it and sends the status.
     pub code: Option<String>,
+    /// Whose fault it is: by default the client for statuses below 500, weir for the rest.
+    pub blame: Blame,
+    /// The same request may succeed later or elsewhere (429, 502, 503, 504 by default).
+    pub retryable: bool,
+    /// Seconds the client should wait before retrying (`Retry-After`), when known.
+    pub retry_after: Option<u64>,
+}
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Blame {
+    /// The request itself is wrong (bad body, unknown model, unknown path, over a limit).
+    Client,
+    /// A model server failed or refused (connect error, timeout, 5xx, its own 4xx).
+    Upstream,
+    /// weir itself could not serve (no endpoint available, internal failure).
+    Internal,
+}
+
+impl Blame {
+    /// Short label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Upstream => "upstream",
+            Self::Internal => "internal",
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -42,7 +74,61 @@ impl ApiError {
             kind: kind.into(),
             param: None,
             code: None,
+            blame: if status < 500 {
+                Blame::Client
+            } else {
+                Blame::Internal
+            },
+            retryable: matches!(status, 429 | 502 | 503 | 504),
+            retry_after: None,
         }
+    }
+
+    /// OpenAI's 400 `invalid_request_error` with a string code and, when given, the offending field.
+    pub fn invalid_request(message: impl Into<String>, param: Option<&str>, code: &str) -> Self {
+        let e = Self::new(400, "invalid_request_error", message).with_code(code);
+        match param {
+            Some(p) => e.with_param(p),
+            None => e,
+        }
+    }
+
+    /// OpenAI's 404 for a path no route serves.
+    pub fn unknown_path(method: &str, path: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            format!("Unknown path {method} {path}."),
+        )
+        .with_code("not_found")
+    }
+
+    /// OpenAI's 405 for a known path called with the wrong method (`allowed` names the right one).
+    pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            format!("Method {method} is not allowed on {path}; use {allowed}."),
+        )
+        .with_code("method_not_allowed")
+    }
+
+    /// Marks who is to blame.
+    pub fn blamed(mut self, blame: Blame) -> Self {
+        self.blame = blame;
+        self
+    }
+
+    /// Marks whether a retry may succeed.
+    pub fn retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
+    }
+
+    /// Sets the `Retry-After` seconds.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// vLLM's 400: `BadRequestError`.
@@ -125,5 +211,28 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&e.openai_json()).unwrap();
         assert_eq!(v["error"]["code"], "model_not_found");
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn blame_and_retryability_default_from_the_status() {
+        let e = ApiError::invalid_request("bad", Some("model"), "invalid_value");
+        assert_eq!(
+            (e.status, e.blame, e.retryable),
+            (400, Blame::Client, false)
+        );
+        let e = ApiError::new(503, "server_error", "none");
+        assert_eq!((e.blame, e.retryable), (Blame::Internal, true));
+        let e = ApiError::new(500, "server_error", "x").blamed(Blame::Upstream);
+        assert_eq!((e.blame, e.retryable), (Blame::Upstream, false));
+        let e = ApiError::new(429, "requests", "slow down").with_retry_after(3);
+        assert_eq!(
+            (e.blame, e.retryable, e.retry_after),
+            (Blame::Client, true, Some(3))
+        );
+        let e = ApiError::method_not_allowed("GET", "/v1/completions", "POST");
+        assert_eq!(
+            (e.status, e.code.as_deref()),
+            (405, Some("method_not_allowed"))
+        );
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Both the simulator and the router parse requests with these types, so they agree on what a request means: which
 //! max-token field wins, how a chat is rendered to token ids, and which inputs are rejected with which vLLM error.
-//! Unknown fields are tolerated and kept in `extra` so a proxy can pass them through. Pure: no I/O.
+//! Unknown fields are tolerated and kept in `extra` so a proxy can pass them through. [`RequestView`] is the router's
+//! one view of a request: the fields it routes on read in one pass, the full typed parse only on demand. Pure: no I/O.
 
 use crate::errors::ApiError;
 use crate::tokens::{ChatTurn, TokenId, Tokenizer, render_chat};
@@ -521,6 +522,233 @@ pub struct DetokenizeRequest {
     pub tokens: Vec<u32>,
 }
 
+/// Which OpenAI API a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Api {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completions,
+}
+
+impl Api {
+    /// The request path of this API.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+        }
+    }
+
+    /// The API served at `path`, if any.
+    pub fn of_path(path: &str) -> Option<Self> {
+        match path {
+            "/v1/chat/completions" => Some(Self::Chat),
+            "/v1/completions" => Some(Self::Completions),
+            _ => None,
+        }
+    }
+}
+
+/// A typed request body, parsed in full (lazily: only cache-aware routing needs it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TypedRequest {
+    /// A chat completion.
+    Chat(ChatCompletionRequest),
+    /// A text completion.
+    Completion(CompletionRequest),
+}
+
+/// The fields a proxy reads from a request body; everything else passes through untouched.
+#[derive(Debug, Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    messages: Option<Vec<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    prompt: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    suffix: Option<serde::de::IgnoredAny>,
+}
+
+/// The one view of an OpenAI request a proxy works from, built once at the front door from the raw body `B` and
+/// borrowed by every later step. The cheap fields (model, stream, max tokens, token estimate) are read in one
+/// borrowing pass that skips the prompt; the full typed parse and the rendered prompt are computed lazily, at most
+/// once, and only when a step asks for them (cache-aware routing). The body itself is kept as received, so the
+/// upstream body is these bytes or one rewrite of them.
+#[derive(Debug)]
+pub struct RequestView<B> {
+    /// Which API the request is for.
+    pub api: Api,
+    /// The request body exactly as received.
+    pub body: B,
+    /// Client-facing model name (a route or alias).
+    pub model: String,
+    /// SSE response requested.
+    pub stream: bool,
+    /// The client set `stream_options.include_usage`, so the usage chunk is theirs to see.
+    pub client_wants_usage: bool,
+    /// `stream_options` is present (a byte splice cannot add a second one).
+    pub has_stream_options: bool,
+    /// `max_completion_tokens` or `max_tokens`.
+    pub max_tokens: Option<u32>,
+    /// The full parse, on first use.
+    typed: std::sync::OnceLock<Result<TypedRequest, ApiError>>,
+    /// The prompt as text (the chat rendered with its template), on first use.
+    rendered: std::sync::OnceLock<Result<String, ApiError>>,
+}
+
+fn invalid(message: impl Into<String>, param: Option<&str>, code: &str) -> ApiError {
+    ApiError::invalid_request(message, param, code)
+}
+
+impl<B: AsRef<[u8]>> RequestView<B> {
+    /// Checks the body is a JSON object with what `api` needs and reads the fields a proxy routes on; errors are
+    /// OpenAI-shaped 400s.
+    pub fn parse(api: Api, body: B) -> Result<Self, ApiError> {
+        let raw = body.as_ref();
+        if std::str::from_utf8(raw).is_err() {
+            return Err(invalid(
+                "Request body is not valid UTF-8.",
+                None,
+                "invalid_json",
+            ));
+        }
+        let p: Peek<'_> = serde_json::from_slice(raw).map_err(|e| {
+            let msg = if e.is_data() {
+                format!("Invalid request body: {e}")
+            } else {
+                format!("We could not parse the JSON body of your request: {e}")
+            };
+            invalid(msg, None, "invalid_json")
+        })?;
+        let model = match p.model {
+            Some(m) if !m.is_empty() => m.into_owned(),
+            _ => {
+                return Err(invalid(
+                    "You must provide a model parameter.",
+                    Some("model"),
+                    "missing_required_parameter",
+                ));
+            }
+        };
+        match api {
+            Api::Chat if p.messages.is_none() => {
+                return Err(invalid(
+                    "Missing required parameter: 'messages'.",
+                    Some("messages"),
+                    "missing_required_parameter",
+                ));
+            }
+            Api::Chat if p.messages.as_ref().is_some_and(Vec::is_empty) => {
+                return Err(invalid(
+                    "'messages' must not be empty.",
+                    Some("messages"),
+                    "invalid_value",
+                ));
+            }
+            Api::Completions if p.prompt.is_none() => {
+                return Err(invalid(
+                    "Missing required parameter: 'prompt'.",
+                    Some("prompt"),
+                    "missing_required_parameter",
+                ));
+            }
+            Api::Completions if p.suffix.is_some() => {
+                return Err(invalid(
+                    "suffix is not currently supported",
+                    Some("suffix"),
+                    "unsupported_parameter",
+                ));
+            }
+            _ => {}
+        }
+        let stream = p.stream.unwrap_or(false);
+        if p.stream_options.is_some() && !stream {
+            return Err(invalid(
+                "Stream options can only be defined when `stream=True`.",
+                Some("stream_options"),
+                "invalid_value",
+            ));
+        }
+        let client_wants_usage = p
+            .stream_options
+            .as_ref()
+            .and_then(|s| s.include_usage)
+            .unwrap_or(false);
+        Ok(Self {
+            api,
+            model,
+            stream,
+            client_wants_usage,
+            has_stream_options: p.stream_options.is_some(),
+            max_tokens: p.max_completion_tokens.or(p.max_tokens),
+            body,
+            typed: std::sync::OnceLock::new(),
+            rendered: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Prompt tokens estimated from the body size (about 4 bytes per token), before any tokenizer runs.
+    pub fn estimated_prompt_tokens(&self) -> u32 {
+        u32::try_from(self.body.as_ref().len() / 4).unwrap_or(u32::MAX)
+    }
+
+    /// The estimated cost of the request in tokens: the prompt estimate plus the output limit.
+    pub fn estimated_tokens(&self) -> u64 {
+        u64::from(self.estimated_prompt_tokens()) + u64::from(self.max_tokens.unwrap_or(0))
+    }
+
+    /// The client asked for a stream but not for its usage chunk: a proxy that must count tokens asks the server
+    /// for usage anyway and strips the chunk on the way back.
+    pub fn needs_usage_injected(&self) -> bool {
+        self.stream && !self.client_wants_usage
+    }
+
+    /// The full typed parse of the body (vLLM's 400 on failure), computed on first use.
+    pub fn typed(&self) -> Result<&TypedRequest, &ApiError> {
+        self.typed
+            .get_or_init(|| match self.api {
+                Api::Chat => parse_body(self.body.as_ref()).map(TypedRequest::Chat),
+                Api::Completions => parse_body(self.body.as_ref()).map(TypedRequest::Completion),
+            })
+            .as_ref()
+    }
+
+    /// The prompt as text (a chat rendered with its template; a single text prompt as is), computed on first use.
+    /// Token-id prompts have no text: they are an error here, read them with [`Self::prompt_ids`].
+    pub fn rendered(&self) -> Result<&str, &ApiError> {
+        self.rendered
+            .get_or_init(|| match self.typed() {
+                Err(e) => Err(e.clone()),
+                Ok(TypedRequest::Chat(c)) => c.rendered(),
+                Ok(TypedRequest::Completion(c)) => match &c.prompt {
+                    Prompt::Text(s) => Ok(s.clone()),
+                    Prompt::Texts(v) if v.len() == 1 => Ok(v[0].clone()),
+                    _ => Err(bad("prompt", "The prompt is not a single text.")),
+                },
+            })
+            .as_deref()
+    }
+
+    /// Token ids of the prompt under `tok` (the pod's tokenizer), from the rendered text or the token-id prompt.
+    pub fn prompt_ids(&self, tok: &dyn Tokenizer) -> Result<Vec<TokenId>, ApiError> {
+        match self.typed().map_err(Clone::clone)? {
+            TypedRequest::Chat(_) => Ok(tok.encode(self.rendered().map_err(Clone::clone)?)),
+            TypedRequest::Completion(c) => c.prompt_ids(tok),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -676,5 +904,66 @@ mod tests {
         assert!(kv.do_remote_prefill && !kv.do_remote_decode);
         assert_eq!(kv.remote_block_ids, Some(vec![1, 2]));
         assert_eq!(kv.remote_port, Some(8001));
+    }
+
+    #[test]
+    fn view_rejects_bad_bodies_with_openai_errors() {
+        let p = |api, b: &'static [u8]| RequestView::parse(api, b).unwrap_err();
+        let e = p(Api::Chat, b"{not json");
+        assert_eq!((e.status, e.code.as_deref()), (400, Some("invalid_json")));
+        assert_eq!(p(Api::Chat, b"[1,2]").status, 400);
+        let e = p(
+            Api::Chat,
+            br#"{"messages":[{"role":"user","content":"x"}]}"#,
+        );
+        assert_eq!(e.param.as_deref(), Some("model"));
+        let e = p(Api::Chat, br#"{"model":"m"}"#);
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = p(
+            Api::Completions,
+            br#"{"model":"m","prompt":"x","suffix":"y"}"#,
+        );
+        assert_eq!(e.code.as_deref(), Some("unsupported_parameter"));
+        let e = p(
+            Api::Completions,
+            br#"{"model":"m","prompt":"x","stream_options":{}}"#,
+        );
+        assert_eq!(e.param.as_deref(), Some("stream_options"));
+        assert_eq!(
+            p(Api::Completions, b"{\"model\":\"m\xff\",\"prompt\":\"x\"}").status,
+            400
+        );
+        assert_eq!(
+            p(Api::Completions, br#"{"model":7,"prompt":"x"}"#).status,
+            400
+        );
+    }
+
+    #[test]
+    fn view_reads_routing_fields_and_parses_the_rest_once_on_demand() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hello"}],"stream":true,"max_tokens":5,"max_completion_tokens":9}"#;
+        let v = RequestView::parse(Api::Chat, &body[..]).unwrap();
+        assert_eq!(
+            (v.model.as_str(), v.stream, v.max_tokens),
+            ("m", true, Some(9))
+        );
+        assert!(v.needs_usage_injected());
+        assert_eq!(v.estimated_tokens(), (body.len() / 4) as u64 + 9);
+        let first: *const str = v.rendered().unwrap();
+        let second: *const str = v.rendered().unwrap();
+        assert!(std::ptr::eq(first, second), "rendered once");
+        assert!(v.rendered().unwrap().contains("hello"));
+        let tok = ByteTokenizer;
+        assert_eq!(
+            v.prompt_ids(&tok).unwrap(),
+            chat(std::str::from_utf8(body).unwrap())
+                .prompt_ids(&tok)
+                .unwrap()
+        );
+        let v = RequestView::parse(Api::Completions, &br#"{"model":"m","prompt":[1,2,3]}"#[..])
+            .unwrap();
+        assert_eq!(v.prompt_ids(&tok).unwrap(), vec![1, 2, 3]);
+        assert!(v.rendered().is_err());
+        assert!(!v.needs_usage_injected());
     }
 }

@@ -1,323 +1,35 @@
-//! The axum front door: `app(state) -> Router` (tested with `oneshot`) and `serve(listener, ..)` with graceful drain.
+//! The front door: one service stack every request goes through, and `serve(listener, ..)` with graceful drain.
 //!
-//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` (aggregated over routes),
-//! `GET /health` (503 while draining), `GET /metrics`, `GET /debug/routes` (routes, weights and shares, pools,
-//! endpoint state). Every response carries `x-request-id`; every error is OpenAI-shaped.
+//! [`app`] builds the stack once ([`tower::ServiceBuilder`]): a request-id layer, then [`FrontDoor`], which sends
+//! `/v1/chat/completions` and `/v1/completions` to the phased request path ([`crate::pipeline`]) and everything else
+//! to the axum routes: `GET /v1/models` (aggregated over routes), `GET /health` (503 while draining), `GET /metrics`,
+//! `GET /debug/routes` (routes, weights and shares, pools, endpoint state), `/debug/decisions`, `/debug/prefix`.
+//! Production connections ([`serve`]) and the handler tests (`app(state).oneshot(req)`) run the same stack. Every
+//! response carries `x-request-id`; every error, wrong paths and methods included, is OpenAI-shaped
+//! ([`crate::error::respond`]).
 
-use std::cell::RefCell;
+use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use hyper::StatusCode;
+use axum::routing::get;
 use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Method, StatusCode};
 use policies::errors::ApiError;
-use policies::pick::budget::RetryBudget;
-use prometheus_client::registry::Registry;
-use rand::SeedableRng;
-use rand::rngs::SmallRng;
+use policies::openai::Api;
+use tower::util::MapRequest;
+use tower::{Service, ServiceBuilder};
 
-use crate::config::Config;
-use crate::metrics::{Metrics, ModelRetry, ModelStatus, RetryReason};
-use crate::proxy::{Api, Forward, HttpClient, forward, parse_request};
-use crate::snapshot::EndpointSnapshot;
-
-/// Proxy settings taken from validated config.
-#[derive(Debug, Clone)]
-pub struct ProxyConfig {
-    /// Attempts per request, the first included.
-    pub max_attempts: u32,
-    pub retry_budget: RetryBudget,
-    /// Request sent -> response head.
-    pub first_byte: Duration,
-    /// Longest gap between body chunks.
-    pub idle: Duration,
-    /// Scrapes older than this are ignored by pickers.
-    pub stale_after: Duration,
-    /// Largest request body accepted (413 above).
-    pub max_body_bytes: usize,
-    /// Largest non-streaming response body buffered from a backend.
-    pub max_response_bytes: usize,
-    /// Cap on the `retry-after` weir computes from breaker ejections.
-    pub max_retry_after_secs: u64,
-}
-
-impl ProxyConfig {
-    pub fn from_config(c: &Config) -> Self {
-        Self {
-            max_attempts: c.retry.max_attempts,
-            retry_budget: c.retry.budget,
-            first_byte: c.timeouts.first_byte,
-            idle: c.timeouts.idle,
-            stale_after: c.scrape.stale_after,
-            max_body_bytes: c.max_body_bytes,
-            max_response_bytes: 64 << 20,
-            max_retry_after_secs: 60,
-        }
-    }
-}
-
-/// Shared state of one router instance.
-pub struct AppState {
-    /// Current routing snapshot; swapped by discovery, loaded per request.
-    pub snapshot: Arc<ArcSwap<EndpointSnapshot>>,
-    /// Pooled hyper client (metrics scrapes, P/D prefill legs).
-    pub client: HttpClient,
-    /// The proxy path's upstream client ([`crate::upstream`]).
-    pub upstream: crate::upstream::Upstream,
-    pub proxy: ProxyConfig,
-    pub metrics: Metrics,
-    /// The registry `/metrics` encodes (every component's metrics, registered before start).
-    pub registry: Arc<Registry>,
-    /// Origin for scrape ages.
-    pub epoch: tokio::time::Instant,
-    /// Requests being proxied (retry budget base).
-    pub active_requests: AtomicU64,
-    /// Retries in progress (retry budget use).
-    pub active_retries: AtomicU64,
-    /// Set on SIGTERM: `/health` answers 503 so load balancers stop sending.
-    pub draining: AtomicBool,
-    /// `created` for `/v1/models` cards (Unix seconds at start).
-    pub created_unix: u64,
-    /// Metric label for requests naming no known model.
-    pub unknown_model: Arc<str>,
-}
-
-impl AppState {
-    /// Registers the router's metrics on `registry`, then freezes it for `/metrics`. `seed` seeds the per-thread
-    /// RNGs used for picks and ids (log it to replay decisions).
-    pub fn new(
-        config: &Config,
-        snapshot: Arc<ArcSwap<EndpointSnapshot>>,
-        client: HttpClient,
-        mut registry: Registry,
-        created_unix: u64,
-        seed: u64,
-    ) -> Arc<Self> {
-        SEED.store(seed, Ordering::Relaxed);
-        let metrics = Metrics::register(&mut registry);
-        Arc::new(Self {
-            snapshot,
-            client,
-            upstream: crate::upstream::Upstream::new(config.timeouts.connect),
-            proxy: ProxyConfig::from_config(config),
-            metrics,
-            registry: Arc::new(registry),
-            epoch: tokio::time::Instant::now(),
-            active_requests: AtomicU64::new(0),
-            active_retries: AtomicU64::new(0),
-            draining: AtomicBool::new(false),
-            created_unix,
-            unknown_model: Arc::from("other"),
-        })
-    }
-
-    /// Counts one answered request.
-    pub fn count(&self, model: &Arc<str>, status: u16) {
-        if status == 200 {
-            self.metrics.model(model).ok.inc();
-            return;
-        }
-        self.metrics
-            .requests
-            .get_or_create(&ModelStatus {
-                model: model.clone().into(),
-                status,
-            })
-            .inc();
-    }
-
-    /// Counts a retry when another attempt will follow.
-    pub fn retried(&self, model: &Arc<str>, reason: RetryReason, attempt: u32, max_attempts: u32) {
-        if attempt + 1 < max_attempts {
-            self.metrics
-                .retries
-                .get_or_create(&ModelRetry {
-                    model: model.clone().into(),
-                    reason,
-                })
-                .inc();
-        }
-    }
-}
-
-static SEED: AtomicU64 = AtomicU64::new(0x5EED);
-static THREADS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(
-        SEED.load(Ordering::Relaxed) ^ THREADS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    ));
-}
-
-/// Runs `f` with this thread's seeded RNG (picks, weighted splits, ids). Never held across an `.await`.
-pub fn with_rng<R>(f: impl FnOnce(&mut SmallRng) -> R) -> R {
-    RNG.with(|r| f(&mut r.borrow_mut()))
-}
-
-/// An OpenAI-shaped error response with `x-request-id` and, for 429/503, `retry-after`.
-pub fn error_response(
-    e: &ApiError,
-    request_id: &HeaderValue,
-    retry_after: Option<u64>,
-) -> Response {
-    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = Response::new(Body::from(e.openai_json()));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
-    let ra = retry_after.or((e.status == 429 || e.status == 503).then_some(1));
-    if let Some(s) = ra {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(s));
-    }
-    r
-}
-
-fn request_id(req: &Request) -> HeaderValue {
-    if let Some(v) = req.headers().get("x-request-id")
-        && !v.is_empty()
-        && v.len() <= 128
-        && v.to_str().is_ok()
-    {
-        return v.clone();
-    }
-    let (a, b) = with_rng(|r| {
-        use rand_core::RngCore;
-        (r.next_u64(), r.next_u32())
-    });
-    // `weir-` + 24 hex digits, built in place (once per request).
-    let mut id = *b"weir-000000000000000000000000";
-    hex_into(a, &mut id[5..21]);
-    hex_into(u64::from(b), &mut id[21..29]);
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("weir-0"))
-}
-
-/// Writes the low `out.len()` hex digits of `v` (lowercase, zero-padded) into `out`.
-pub(crate) fn hex_into(mut v: u64, out: &mut [u8]) {
-    for o in out.iter_mut().rev() {
-        *o = b"0123456789abcdef"[(v & 0xf) as usize];
-        v >>= 4;
-    }
-}
-
-fn too_large(limit: usize) -> ApiError {
-    ApiError::new(
-        413,
-        "invalid_request_error",
-        format!("Request body is larger than the {limit}-byte limit."),
-    )
-    .with_code("request_too_large")
-}
-
-async fn completions(app: Arc<AppState>, api: Api, req: Request) -> Response {
-    let start = tokio::time::Instant::now();
-    let rid = request_id(&req);
-    let limit = app.proxy.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        app.count(&app.unknown_model, 413);
-        return error_response(&too_large(limit), &rid, None);
-    }
-    let (parts, body) = req.into_parts();
-    // The server span of the trace (`crate::telemetry`). Debug level: at the default `info` filter, without OTLP, the
-    // span is disabled, so nothing is built or formatted per request.
-    let span = tracing::debug_span!(
-        "request",
-        otel.name = match api {
-            Api::Chat => "POST /v1/chat/completions",
-            Api::Completions => "POST /v1/completions",
-        },
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        "http.request.method" = "POST",
-        "url.path" = api.path(),
-        "weir.request_id" = rid.to_str().unwrap_or_default(),
-        "gen_ai.request.model" = tracing::field::Empty,
-        "weir.stream" = tracing::field::Empty,
-        "http.response.status_code" = tracing::field::Empty,
-        "weir.endpoint" = tracing::field::Empty,
-        "weir.decision_id" = tracing::field::Empty,
-        "weir.ttft_ms" = tracing::field::Empty,
-    );
-    crate::telemetry::set_remote_parent(&span, &parts.headers);
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
-            let err = if over {
-                too_large(limit)
-            } else {
-                ApiError::new(
-                    400,
-                    "invalid_request_error",
-                    format!("Could not read the request body: {e}"),
-                )
-                .with_code("invalid_body")
-            };
-            app.count(&app.unknown_model, err.status);
-            return answered(&span, error_response(&err, &rid, None));
-        }
-    };
-    let parsed = match parse_request(api, &bytes) {
-        Ok(p) => p,
-        Err(e) => {
-            app.count(&app.unknown_model, e.status);
-            return answered(&span, error_response(&e, &rid, None));
-        }
-    };
-    span.record("gen_ai.request.model", parsed.model.as_str());
-    span.record("weir.stream", parsed.stream);
-    let snap = app.snapshot.load_full();
-    let fwd = Forward {
-        api,
-        headers: parts.headers,
-        body: bytes,
-        parsed,
-        request_id: rid,
-        start,
-        span: span.clone(),
-    };
-    let resp = tracing::Instrument::instrument(forward(app.clone(), snap, fwd), span.clone()).await;
-    answered(&span, resp)
-}
-
-/// Records the answer's status on the request span (a 5xx marks the server span failed).
-fn answered(span: &tracing::Span, resp: Response) -> Response {
-    let status = resp.status();
-    if !span.is_disabled() {
-        span.record("http.response.status_code", i64::from(status.as_u16()));
-        if status.is_server_error() {
-            span.record("otel.status_code", "error");
-        }
-    }
-    span.in_scope(|| tracing::debug!(status = status.as_u16(), "answered"));
-    resp
-}
-
-async fn chat(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    completions(app, Api::Chat, req).await
-}
-
-async fn legacy(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    completions(app, Api::Completions, req).await
-}
+use crate::error::respond;
+use crate::shared::AppState;
 
 async fn models(State(app): State<Arc<AppState>>) -> Response {
     let snap = app.snapshot.load();
@@ -408,22 +120,31 @@ async fn debug_routes(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn not_found(req: Request) -> Response {
-    let rid = request_id(&req);
-    let e = ApiError::new(
-        404,
-        "invalid_request_error",
-        format!("Unknown path {} {}.", req.method(), req.uri().path()),
-    )
-    .with_code("not_found");
-    error_response(&e, &rid, None)
+fn request_id_of(req: &Request) -> HeaderValue {
+    crate::ids::request_id(req.headers())
 }
 
-/// The router's HTTP surface.
-pub fn app(state: Arc<AppState>) -> Router {
+async fn not_found(req: Request) -> Response {
+    let e = ApiError::unknown_path(req.method().as_str(), req.uri().path());
+    respond(&e, &request_id_of(&req))
+}
+
+/// 405 in the OpenAI shape with `Allow`.
+fn wrong_method(req: &Request, allowed: &'static str) -> Response {
+    let e = ApiError::method_not_allowed(req.method().as_str(), req.uri().path(), allowed);
+    let mut r = respond(&e, &request_id_of(req));
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allowed));
+    r
+}
+
+async fn get_only(req: Request) -> Response {
+    wrong_method(&req, "GET")
+}
+
+/// The routes besides completions (served by axum's router).
+fn routes(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(legacy))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -431,8 +152,77 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/debug/decisions", get(crate::decisions::list))
         .route("/debug/decisions/{request_id}", get(crate::decisions::one))
         .route("/debug/prefix", get(crate::decisions::prefix))
+        .method_not_allowed_fallback(get_only)
         .fallback(not_found)
         .with_state(state)
+}
+
+/// Gives the request an `x-request-id` (a new one unless the client sent a usable one); every later step and the
+/// response echo it.
+fn with_request_id(mut req: Request) -> Request {
+    if crate::ids::client_request_id(req.headers()).is_none() {
+        req.headers_mut().insert(
+            HeaderName::from_static("x-request-id"),
+            crate::ids::new_request_id(),
+        );
+    }
+    req
+}
+
+/// The innermost service: completions to [`crate::pipeline`], other paths to the axum routes.
+#[derive(Clone)]
+pub struct FrontDoor {
+    state: Arc<AppState>,
+    routes: Router,
+}
+
+impl Service<Request> for FrontDoor {
+    type Response = Response;
+    type Error = Infallible;
+    // Boxed: hyper keeps room for one service future per connection, for the connection's lifetime, and the
+    // completions future is large.
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        match Api::of_path(req.uri().path()) {
+            Some(api) if req.method() == Method::POST => {
+                let state = self.state.clone();
+                Box::pin(async move { Ok(crate::pipeline::completions(state, api, req).await) })
+            }
+            Some(_) => {
+                let r = wrong_method(&req, "POST");
+                Box::pin(std::future::ready(Ok(r)))
+            }
+            None => {
+                let rid = request_id_of(&req);
+                let fut = tower::ServiceExt::oneshot(self.routes.clone(), req);
+                Box::pin(async move {
+                    let mut r = fut.await?;
+                    r.headers_mut()
+                        .entry(HeaderName::from_static("x-request-id"))
+                        .or_insert(rid);
+                    Ok(r)
+                })
+            }
+        }
+    }
+}
+
+/// The composed service every request passes through.
+pub type Stack = MapRequest<FrontDoor, fn(Request) -> Request>;
+
+/// The router's HTTP surface, built once per server (cloning it is two reference-count increments).
+pub fn app(state: Arc<AppState>) -> Stack {
+    ServiceBuilder::new()
+        .map_request(with_request_id as fn(Request) -> Request)
+        .service(FrontDoor {
+            routes: routes(state.clone()),
+            state,
+        })
 }
 
 /// Connection settings of the front door (HTTP/1.1 only, like vLLM).
@@ -447,43 +237,16 @@ fn http1_builder() -> hyper::server::conn::http1::Builder {
     b
 }
 
-/// The completions API a request is for, when it is one (the hot path, served without the router).
-fn completions_api(req: &hyper::Request<hyper::body::Incoming>) -> Option<Api> {
-    if req.method() != hyper::Method::POST {
-        return None;
-    }
-    match req.uri().path() {
-        "/v1/chat/completions" => Some(Api::Chat),
-        "/v1/completions" => Some(Api::Completions),
-        _ => None,
-    }
-}
-
-/// One client connection: HTTP/1 requests through `router` until the peer closes or `stop` turns `true`, then a
-/// graceful close (the current request or stream may finish). With `state`, completions requests go straight to
-/// their handler: the same handler the router has for them, minus the router's per-request matching, extensions and
-/// boxing (a few microseconds of CPU per tiny request).
+/// One client connection: HTTP/1 requests through `stack` until the peer closes or `stop` turns `true`, then a
+/// graceful close (the current request or stream may finish).
 fn connection(
     builder: &hyper::server::conn::http1::Builder,
     stream: tokio::net::TcpStream,
-    router: Router,
-    state: Option<Arc<AppState>>,
+    stack: Stack,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let direct = state
-            .as_ref()
-            .and_then(|s| completions_api(&req).map(|api| (s.clone(), api)));
-        let router = router.clone();
-        async move {
-            match direct {
-                // Boxed: hyper keeps room for one service future per connection, for the connection's lifetime.
-                Some((state, api)) => Ok::<_, std::convert::Infallible>(
-                    Box::pin(completions(state, api, req.map(Body::new))).await,
-                ),
-                None => tower::ServiceExt::oneshot(router, req).await,
-            }
-        }
+        tower::ServiceExt::oneshot(stack.clone(), req.map(Body::new))
     });
     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
     async move {
@@ -513,7 +276,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
-    let router = app(state.clone());
+    let stack = app(state.clone());
     let builder = http1_builder();
     // Every connection task holds a receiver: `true` asks it to finish its current request and close; the sender
     // sees `closed()` once all connections are gone.
@@ -533,13 +296,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
-            &builder,
-            stream,
-            router.clone(),
-            Some(state.clone()),
-            stop_rx.clone(),
-        ));
+        tokio::spawn(connection(&builder, stream, stack.clone(), stop_rx.clone()));
     }
     drop(listener);
     drop(stop_rx);
@@ -573,7 +330,15 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (stream, _) = listener.accept().await.unwrap();
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        let fut = connection(&http1_builder(), stream, Router::new(), None, rx);
+        let config = crate::config::RawConfig::default().validate().unwrap();
+        let state = crate::start(
+            &config,
+            crate::discovery::Discovery::new(),
+            prometheus_client::registry::Registry::default(),
+            0,
+            1,
+        );
+        let fut = connection(&http1_builder(), stream, app(state), rx);
         let size = std::mem::size_of_val(&fut);
         println!("connection task future: {size} bytes");
         assert!(size < 16 << 10, "{size} bytes");

@@ -11,7 +11,8 @@ use hyper::header::HeaderValue;
 use policies::errors::ApiError;
 use serde::Deserialize;
 
-use crate::app::{AppState, error_response};
+use crate::error::respond;
+use crate::shared::AppState;
 
 /// Query of `GET /debug/decisions`.
 #[derive(Debug, Deserialize)]
@@ -48,7 +49,7 @@ pub async fn one(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Re
             )
             .with_code("decision_not_found");
             let rid = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("unknown"));
-            error_response(&e, &rid, None)
+            respond(&e, &rid)
         }
     }
 }

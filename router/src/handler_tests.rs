@@ -13,9 +13,10 @@ use hyper::{Request, StatusCode};
 use parking_lot::Mutex;
 use tower::ServiceExt;
 
-use crate::app::{AppState, app};
+use crate::app::app;
 use crate::config::RawConfig;
 use crate::discovery::Discovery;
+use crate::shared::AppState;
 
 const OK: u8 = 0;
 const FAIL_503: u8 = 1;
@@ -479,6 +480,82 @@ async fn scraper_fills_endpoint_state() {
     }
     let (_, _, m) = send(&s, Request::get("/metrics").body(Body::empty()).unwrap()).await;
     assert!(m.contains("weir_endpoint_healthy{pool=\"m\""), "{m}");
+}
+
+#[tokio::test]
+async fn wrong_methods_and_unknown_paths_get_openai_errors() {
+    let s = state(&format!(
+        "pools: [{{name: m, endpoints: ['{}']}}]",
+        dead_url().await
+    ));
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let (st, h, out) = send(&s, Request::get(path).body(Body::empty()).unwrap()).await;
+        assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(err_code(&out), "method_not_allowed", "{out}");
+        assert_eq!(h["allow"], "POST");
+        assert_eq!(h["content-type"], "application/json");
+        assert!(h.contains_key("x-request-id"));
+    }
+    let (st, h, out) = send(&s, post("/v1/models", "{}")).await;
+    assert_eq!(
+        (st, err_code(&out)),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed".into())
+    );
+    assert_eq!(h["allow"], "GET");
+    let (st, h, out) = send(&s, Request::get("/v2/nothing").body(Body::empty()).unwrap()).await;
+    assert_eq!(
+        (st, err_code(&out)),
+        (StatusCode::NOT_FOUND, "not_found".into())
+    );
+    assert!(h.contains_key("x-request-id"));
+    let req = Request::get("/v1/models")
+        .header("x-request-id", "mine")
+        .body(Body::empty())
+        .unwrap();
+    let (st, h, _) = send(&s, req).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(h["x-request-id"], "mine");
+}
+
+/// `serve` answers through the same stack as `app(state).oneshot`: a wrong method over a real connection gets the
+/// OpenAI body too (it got an empty 405 from axum's router before).
+#[tokio::test]
+async fn the_server_answers_through_the_same_stack() {
+    let (_f, url) = fake(OK).await;
+    let s = state(&format!("pools: [{{name: m, endpoints: ['{url}']}}]"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::app::serve(
+        listener,
+        s.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    let client = crate::client::http_client(Duration::from_secs(1));
+    let get = hyper::Request::get(format!("http://{addr}/v1/chat/completions"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let r = client.request(get).await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        err_code(&String::from_utf8_lossy(&body)),
+        "method_not_allowed"
+    );
+    let post = hyper::Request::post(format!("http://{addr}/v1/completions"))
+        .body(http_body_util::Full::new(Bytes::from_static(
+            PROMPT.as_bytes(),
+        )))
+        .unwrap();
+    let r = client.request(post).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().contains_key("x-weir-endpoint"));
+    drop(r);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
 }
 
 #[tokio::test]

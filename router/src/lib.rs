@@ -2,22 +2,37 @@
 //!
 //! Seams: [`discovery`] sources publish endpoint sets which become immutable [`snapshot::EndpointSnapshot`]s swapped
 //! atomically; endpoint selection is the pure `policies::pick` pipeline over `policies::endpoint::EndpointView`s built
-//! from [`state`]; the [`scrape`] loop fills engine load from each pod's `/metrics`; [`proxy`] forwards requests with
-//! retries, timeouts and circuit breaking; [`app`] is the axum front door. This crate must not depend on the
+//! from [`state`]; the [`scrape`] loop fills engine load from each pod's `/metrics`. A request goes through [`app`]
+//! (the one service stack) into [`pipeline`] (identify → admit → route → proxy → account over a [`ctx::Ctx`]):
+//! [`plan`] decides without I/O, [`execute`] sends with retries, timeouts and circuit breaking. This crate must not depend on the
 //! simulator, the autoscaler or the metrics adapter.
 
+// Layers, bottom up (a module uses only modules of its own or lower layers):
+// 1. ids, error, config, metrics, state, sse, client, upstream, telemetry, kv_index, pd, discovery
+// 2. route (cache-aware routing shell), snapshot (built from discovery), scrape
+// 3. shared (one router's state), decisions (its debug views)
+// 4. ctx (per-request context), plan (pure decisions of the proxy step)
+// 5. execute (the proxy step's I/O)
+// 6. pipeline (the phases), app (the service stack and the server)
 pub mod app;
+pub mod client;
 pub mod config;
+pub mod ctx;
 pub mod decisions;
 pub mod discovery;
+pub mod error;
+pub mod execute;
 #[cfg(test)]
 mod handler_tests;
+pub mod ids;
 pub mod kv_index;
 pub mod metrics;
 pub mod pd;
-pub mod proxy;
+pub mod pipeline;
+pub mod plan;
 pub mod route;
 pub mod scrape;
+pub mod shared;
 pub mod snapshot;
 pub mod sse;
 pub mod state;
@@ -29,9 +44,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 
-use crate::app::AppState;
 use crate::config::Config;
 use crate::discovery::Discovery;
+use crate::shared::AppState;
 use crate::snapshot::SnapshotBuilder;
 
 /// Builds the router: the first snapshot from `discovery`'s current sets (so the first request already routes),
@@ -52,7 +67,7 @@ pub fn start(
     let mut builder = SnapshotBuilder::new(config).with_routing(routing);
     let first = builder.build(&discovery.current());
     let shared = Arc::new(ArcSwap::from_pointee(first));
-    let client = proxy::http_client(config.timeouts.connect);
+    let client = client::http_client(config.timeouts.connect);
     let state = AppState::new(
         config,
         shared.clone(),
@@ -61,7 +76,7 @@ pub fn start(
         created_unix,
         seed,
     );
-    tokio::spawn(discovery::run(discovery, builder, shared.clone()));
+    tokio::spawn(snapshot::follow(discovery, builder, shared.clone()));
     tokio::spawn(scrape::run(
         client,
         shared,

@@ -16,7 +16,9 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request};
 use serde_json::{Map, Value, json};
 
-use crate::proxy::{Api, HttpClient};
+use policies::openai::Api;
+
+use crate::client::HttpClient;
 
 /// The prefill throughput of a pool's pods, tokens per second, learned from P/D prefill legs.
 ///

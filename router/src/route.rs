@@ -2,7 +2,7 @@
 //! the cache-aware profile or P/D router, and the decision-record ring. The arithmetic is `policies::pick` and
 //! `policies::prefix`; this file owns the state around it and keeps it in step with discovery.
 //!
-//! Per request ([`CacheView::prepare`]): tokenize the prompt with the pool's tokenizer and chat template (as the pod
+//! Per request ([`CacheView::prepare`]): tokenize the prompt (rendered once by the request view) with the pool's tokenizer and chat template (as the pod
 //! does), hash full blocks with [`PrefixHasher`], look the hashes up in the pool's index and turn the per-pod matches
 //! into [`RequestFacts`] aligned with the snapshot's pool indices. [`CacheView::decide`] picks with
 //! [`Profile::decide`] (aggregated pools) or [`PdRouter::route`] (pools with prefill-role pods);
@@ -21,7 +21,7 @@ use parking_lot::{Mutex, RwLock};
 use policies::blocks::PrefixHasher;
 use policies::decision::{DecisionRecord, DecisionRing, Keyed, PdRecord};
 use policies::endpoint::{EndpointId, EndpointView, Role};
-use policies::openai::{ChatCompletionRequest, CompletionRequest, parse_body};
+use policies::openai::RequestView as OpenAiView;
 use policies::pick::pd::{PdChoice, PdRouted, PdRouter};
 use policies::pick::prefix::RequestFacts;
 use policies::pick::profile::{Profile, Routed, Weights};
@@ -37,7 +37,6 @@ use rand_core::RngCore;
 
 use crate::config::{CacheAwareConfig, IndexKind};
 use crate::kv_index::{KvIndexer, KvIndexerConfig, KvMetrics, PodEvents};
-use crate::proxy::Api;
 
 /// `{result}` of a prefix lookup.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -333,24 +332,17 @@ pub enum How {
 
 impl CacheView {
     /// Tokenizes, hashes and looks up the prompt. Never fails: a body the tokenizer cannot read has no blocks.
-    pub fn prepare(
+    pub fn prepare<B: AsRef<[u8]>>(
         &self,
-        api: Api,
-        body: &[u8],
+        view: &OpenAiView<B>,
         session: Option<&str>,
         now: Instant,
         metrics: &CacheMetrics,
     ) -> Prepared {
         let p = &self.pool;
-        let tokens = match api {
-            Api::Chat => parse_body::<ChatCompletionRequest>(body)
-                .and_then(|r| r.prompt_ids(p.tokenizer.as_ref())),
-            Api::Completions => parse_body::<CompletionRequest>(body)
-                .and_then(|r| r.prompt_ids(p.tokenizer.as_ref())),
-        };
-        let (hashes, prompt_tokens) = match tokens {
+        let (hashes, prompt_tokens) = match view.prompt_ids(p.tokenizer.as_ref()) {
             Ok(t) => (p.hasher.block_hashes(&t), t.len() as u32),
-            Err(_) => (Vec::new(), (body.len() / 4) as u32),
+            Err(_) => (Vec::new(), view.estimated_prompt_tokens()),
         };
         let mut m = PrefixMatches::default();
         match p.cfg.index {

@@ -11,9 +11,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 
+use crate::client::HttpClient;
 use crate::config::ScrapeConfig;
 use crate::metrics::{EndpointLabel, Metrics, RouteLabel};
-use crate::proxy::HttpClient;
 use crate::snapshot::{Endpoint, EndpointSnapshot};
 use crate::state::Scrape;
 

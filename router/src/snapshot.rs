@@ -307,6 +307,29 @@ impl SnapshotBuilder {
     }
 }
 
+/// Builds the first snapshot synchronously (so the router serves from its first request), then keeps rebuilding
+/// and swapping on every source change until all sources close.
+pub async fn follow(
+    mut discovery: crate::discovery::Discovery,
+    mut builder: SnapshotBuilder,
+    shared: Arc<arc_swap::ArcSwap<EndpointSnapshot>>,
+) {
+    loop {
+        if !discovery.changed().await {
+            tracing::info!("all discovery sources closed; keeping the last snapshot");
+            return;
+        }
+        let eps = discovery.current();
+        let snap = builder.build(&eps);
+        tracing::info!(
+            version = snap.version,
+            endpoints = eps.len(),
+            "endpoint snapshot updated"
+        );
+        shared.store(Arc::new(snap));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

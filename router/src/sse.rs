@@ -165,6 +165,9 @@ pub fn error_event(message: &str, kind: &str, code: &str) -> Bytes {
     Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", e.openai_json()))
 }
 
+/// What a stream calls once at its end: how it ended and the pod's usage.
+pub type OnEnd = Box<dyn FnOnce(StreamOutcome, Option<Usage>) + Send + Sync>;
+
 /// Everything the stream adapter needs besides the upstream body.
 pub struct StreamCtx {
     pub scanner: SseScanner,
@@ -177,9 +180,10 @@ pub struct StreamCtx {
     pub start: tokio::time::Instant,
     /// Dropped when the stream ends or the client goes away: releases in-flight counts.
     pub guards: Box<dyn std::any::Any + Send + Sync>,
-    /// Called once when the stream ends, with how it ended: the endpoint's breaker verdict is given here, not at
-    /// the response head, so a pod that always fails mid-stream still gets ejected.
-    pub on_end: Option<Box<dyn FnOnce(StreamOutcome) + Send + Sync>>,
+    /// Called once when the stream ends, with how it ended and the usage the pod reported (exact even when the client
+    /// left, as long as the pod's usage chunk arrived): the endpoint's breaker verdict is given here, not at the
+    /// response head, so a pod that always fails mid-stream still gets ejected.
+    pub on_end: Option<OnEnd>,
 }
 
 struct StreamState<B> {
@@ -198,7 +202,7 @@ impl<B> Drop for StreamState<B> {
             StreamOutcome::Cancelled
         };
         if let Some(f) = self.ctx.on_end.take() {
-            f(outcome);
+            f(outcome, self.ctx.scanner.usage);
         }
         self.ctx
             .outcomes

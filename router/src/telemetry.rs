@@ -5,7 +5,7 @@
 //! (the prefill leg), all at debug level with target `router::*`. They reach OpenTelemetry only when the binary
 //! installed a `tracing-opentelemetry` layer (`weir serve` with OTLP configured, see `weir/src/telemetry.rs`); without
 //! it the spans are disabled at the default log filter, every helper here is one `is_disabled` check, and the
-//! hand-built [`crate::proxy::traceparent`] still carries the caller's trace id to the backends.
+//! hand-built [`traceparent`] still carries the caller's trace id to the backends.
 //!
 //! With the layer: the caller's `traceparent` (and `tracestate`) becomes the remote parent of the server span
 //! ([`set_remote_parent`]), and each upstream hop sends a `traceparent` naming its own attempt span
@@ -56,7 +56,7 @@ pub fn set_remote_parent(span: &tracing::Span, headers: &HeaderMap) {
 }
 
 /// The W3C `traceparent` naming `span` (its trace id, its own span id, its sampling flag) for the next hop, or `None`
-/// when OpenTelemetry does not track `span` (then [`crate::proxy::traceparent`] builds one).
+/// when OpenTelemetry does not track `span` (then [`traceparent`] builds one).
 pub fn traceparent_of(span: &tracing::Span) -> Option<HeaderValue> {
     if span.is_disabled() {
         return None;
@@ -73,7 +73,50 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<HeaderValue> {
 /// The `traceparent` for an upstream request made under `span`: the span's own when traced, else the hand-built one
 /// that keeps the caller's trace id.
 pub fn upstream_traceparent(span: &tracing::Span, incoming: Option<&HeaderValue>) -> HeaderValue {
-    traceparent_of(span).unwrap_or_else(|| crate::proxy::traceparent(incoming))
+    traceparent_of(span).unwrap_or_else(|| traceparent(incoming))
+}
+
+/// A W3C `traceparent` for the upstream hop when OpenTelemetry does not track the request (no OTLP export): keeps
+/// the caller's trace id (if the header is valid) with a new span id. Traced requests send their attempt span's id
+/// instead ([`crate::telemetry::upstream_traceparent`]).
+pub fn traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
+    let (hi, lo, span) = crate::ids::with_rng(|r| {
+        use rand_core::RngCore;
+        (r.next_u64(), r.next_u64(), r.next_u64() | 1)
+    });
+    // `00-<trace id: 32 hex>-<span id: 16 hex>-<flags: 2 hex>`, built in place (this runs once per attempt).
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    match incoming
+        .map(HeaderValue::as_bytes)
+        .filter(|b| valid_traceparent(b))
+    {
+        Some(b) => {
+            out[3..35].copy_from_slice(&b[3..35]);
+            out[53..55].copy_from_slice(&b[53..55]);
+        }
+        None => {
+            crate::ids::hex_into(hi, &mut out[3..19]);
+            crate::ids::hex_into(lo, &mut out[19..35]);
+        }
+    }
+    crate::ids::hex_into(span, &mut out[36..52]);
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(
+        "00-00000000000000000000000000000001-0000000000000001-01",
+    ))
+}
+
+/// `version-traceid-parentid-flags` with the W3C lengths, hex digits, a version other than `ff` and a non-zero trace
+/// id.
+fn valid_traceparent(b: &[u8]) -> bool {
+    b.len() == 55
+        && b[2] == b'-'
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && &b[..2] != b"ff"
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| matches!(i, 2 | 35 | 52) || c.is_ascii_hexdigit())
+        && b[3..35].iter().any(|&c| c != b'0')
 }
 
 #[cfg(test)]
@@ -184,5 +227,40 @@ mod tests {
             set_remote_parent(&span, &headers(INCOMING));
             assert_eq!(traceparent_of(&span), None);
         });
+    }
+
+    #[test]
+    fn traceparent_keeps_trace_id_or_makes_one() {
+        let inc =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let out = traceparent(Some(&inc));
+        let s = out.to_str().unwrap();
+        assert!(s.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(!s.contains("00f067aa0ba902b7"));
+        assert!(s.ends_with("-01"));
+        for bad in [
+            "garbage",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-010",
+        ] {
+            let made = traceparent(Some(&HeaderValue::from_static(bad)));
+            let s = made.to_str().unwrap();
+            let parts: Vec<&str> = s.split('-').collect();
+            assert_eq!(
+                (
+                    parts.len(),
+                    parts[0],
+                    parts[1].len(),
+                    parts[2].len(),
+                    parts[3]
+                ),
+                (4, "00", 32, 16, "01"),
+                "{bad} -> {s}"
+            );
+            assert!(!bad.contains(parts[1]), "{bad} -> {s}");
+            assert!(s.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! A source is anything that knows which model-server endpoints exist: static config ([`Discovery::add_static`]),
 //! or the Kubernetes watcher (`discovery/kubernetes.rs`). Each source owns one
 //! `tokio::sync::watch::Sender<Vec<DiscoveredEndpoint>>` obtained from [`Discovery::add_source`] and simply sends its
-//! whole current set whenever it changes. [`run`] merges every source's latest set, builds a new
+//! whole current set whenever it changes. [`crate::snapshot::follow`] merges every source's latest set, builds a new
 //! [`EndpointSnapshot`](crate::snapshot::EndpointSnapshot) and swaps it into the shared `ArcSwap` atomically; the
 //! request path only ever loads that `Arc`, never takes a write lock. Per-endpoint live state (in-flight counts,
 //! breaker, scraped metrics) is keyed by endpoint id and survives rebuilds.
@@ -11,14 +11,11 @@
 pub mod kubernetes;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use policies::endpoint::Role;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::snapshot::{EndpointSnapshot, SnapshotBuilder};
 
 /// One endpoint as a discovery source reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,29 +121,6 @@ impl Discovery {
         }
         let (res, _, _) = futures::future::select_all(waits).await;
         res.is_ok() || self.sources.iter().any(|(_, rx)| rx.has_changed().is_ok())
-    }
-}
-
-/// Builds the first snapshot synchronously (so the router serves from its first request), then keeps rebuilding
-/// and swapping on every source change until all sources close.
-pub async fn run(
-    mut discovery: Discovery,
-    mut builder: SnapshotBuilder,
-    shared: Arc<ArcSwap<EndpointSnapshot>>,
-) {
-    loop {
-        if !discovery.changed().await {
-            tracing::info!("all discovery sources closed; keeping the last snapshot");
-            return;
-        }
-        let eps = discovery.current();
-        let snap = builder.build(&eps);
-        tracing::info!(
-            version = snap.version,
-            endpoints = eps.len(),
-            "endpoint snapshot updated"
-        );
-        shared.store(Arc::new(snap));
     }
 }
 
