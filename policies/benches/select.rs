@@ -1,5 +1,6 @@
 //! Full cache-aware routing decision for 64 endpoints: hash a 4k-token prompt (one variant), prefix-index lookup,
-//! gate, all scorers, max-score pick; plus a decision-record variant. After criterion, a plain loop measures the
+//! gate, all scorers, max-score pick; plus a decision-record variant, and the same decision by the predicted-TTFT
+//! picker (`cache-aware`'s picker since weir issue 27: lookup, gate, a TTFT prediction per pod, least wins). After criterion, a plain loop measures the
 //! per-decision latency distribution (p50/p99/p99.9 over 100,000 decisions) that criterion's mean hides.
 //! Run: `cargo bench -p policies --bench select`.
 
@@ -10,6 +11,7 @@ use criterion::Criterion;
 use policies::blocks::PrefixHasher;
 use policies::endpoint::{EndpointId, EndpointView, Role, ScrapedLoad};
 use policies::pick::RequestView;
+use policies::pick::predicted_ttft::PrefillModel;
 use policies::pick::prefix::RequestFacts;
 use policies::pick::profile::Profile;
 use policies::prefix::{ApproxIndex, PodSlot, PrefixMatches};
@@ -43,6 +45,8 @@ struct World {
     ids: Vec<EndpointId>,
     eps: Vec<EndpointView>,
     profile: Profile,
+    /// The predicted-TTFT profile.
+    ttft: Profile,
     /// 4k-token prompts: 100 shared 3k-token prefixes + unique 1k suffixes.
     prompts: Vec<Vec<u32>>,
     hashes: Vec<Vec<u64>>,
@@ -96,14 +100,16 @@ fn world() -> World {
         ids,
         eps,
         profile: Profile::cache_aware(),
+        ttft: Profile::predicted_ttft(PrefillModel::default(), clock()),
         prompts,
         hashes,
     }
 }
 
-/// One decision: optional hashing, lookup, facts, gate + scorers + pick.
+/// One decision by `profile`: optional hashing, lookup, facts, gate + scorers (or predictions) + pick.
 fn decide(
     w: &World,
+    profile: &Profile,
     r: usize,
     hash: bool,
     m: &mut PrefixMatches,
@@ -128,7 +134,7 @@ fn decide(
         prompt_tokens: PROMPT as u32,
         max_tokens: Some(256),
     };
-    match w.profile.decide(&req, &w.eps, &facts, now, rng) {
+    match profile.decide(&req, &w.eps, &facts, now, rng) {
         Ok(routed) => routed.choice.index,
         Err(_) => usize::MAX,
     }
@@ -175,13 +181,25 @@ fn criterion_benches(c: &mut Criterion, w: &World) {
     g.bench_function("hash+lookup+score+pick", |b| {
         b.iter(|| {
             r = (r + 1) % w.prompts.len();
-            black_box(decide(w, r, true, &mut m, &mut rng, now))
+            black_box(decide(w, &w.profile, r, true, &mut m, &mut rng, now))
         })
     });
     g.bench_function("lookup+score+pick (prehashed)", |b| {
         b.iter(|| {
             r = (r + 1) % w.prompts.len();
-            black_box(decide(w, r, false, &mut m, &mut rng, now))
+            black_box(decide(w, &w.profile, r, false, &mut m, &mut rng, now))
+        })
+    });
+    g.bench_function("predicted-ttft: hash+lookup+predict+pick", |b| {
+        b.iter(|| {
+            r = (r + 1) % w.prompts.len();
+            black_box(decide(w, &w.ttft, r, true, &mut m, &mut rng, now))
+        })
+    });
+    g.bench_function("predicted-ttft: lookup+predict+pick (prehashed)", |b| {
+        b.iter(|| {
+            r = (r + 1) % w.prompts.len();
+            black_box(decide(w, &w.ttft, r, false, &mut m, &mut rng, now))
         })
     });
     g.bench_function("prehashed + decision record", |b| {
@@ -227,8 +245,8 @@ fn criterion_benches(c: &mut Criterion, w: &World) {
     g.finish();
 }
 
-/// Per-decision latency percentiles over `n` decisions.
-fn percentiles(w: &World, hash: bool, n: usize) {
+/// Per-decision latency percentiles over `n` decisions by `profile` (named `name`).
+fn percentiles(w: &World, name: &str, profile: &Profile, hash: bool, n: usize) {
     let now = clock();
     let mut m = PrefixMatches::default();
     let mut rng = Seeded(9);
@@ -236,13 +254,13 @@ fn percentiles(w: &World, hash: bool, n: usize) {
     for i in 0..n {
         let r = i % w.prompts.len();
         let t = clock();
-        black_box(decide(w, r, hash, &mut m, &mut rng, now));
+        black_box(decide(w, profile, r, hash, &mut m, &mut rng, now));
         ns.push(t.elapsed().as_nanos() as u64);
     }
     ns.sort_unstable();
     let p = |q: f64| ns[((n as f64 * q) as usize).min(n - 1)] as f64 / 1000.0;
     println!(
-        "p99 loop, {n} decisions, {} : p50 {:.2} us  p99 {:.2} us  p99.9 {:.2} us  max {:.2} us",
+        "p99 loop, {name}, {n} decisions, {} : p50 {:.2} us  p99 {:.2} us  p99.9 {:.2} us  max {:.2} us",
         if hash {
             "hash+decide"
         } else {
@@ -260,6 +278,8 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     criterion_benches(&mut c, &w);
     c.final_summary();
-    percentiles(&w, false, 100_000);
-    percentiles(&w, true, 100_000);
+    for (name, p) in [("scorers", &w.profile), ("predicted-ttft", &w.ttft)] {
+        percentiles(&w, name, p, false, 100_000);
+        percentiles(&w, name, p, true, 100_000);
+    }
 }

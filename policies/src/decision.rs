@@ -37,6 +37,12 @@ pub struct CandidateRecord {
     pub scores: Vec<ScoreRecord>,
     /// Weighted total.
     pub total: f64,
+    /// Predicted wait before its prefill would start, when the profile picks by predicted TTFT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_wait_ms: Option<f64>,
+    /// Predicted TTFT there (the picker takes the least), when the profile picks by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_ttft_ms: Option<f64>,
 }
 
 /// The P/D part of a decision.

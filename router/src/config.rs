@@ -17,6 +17,8 @@
 //!     policy:
 //!       kind: precise-prefix         # cache-aware = approximate index from routing history; precise = KV events
 //!       weights: {prefix: 3, queue: 2, kv: 2, token_load: 0, active_request: 0, session: 0, prefill_backlog: 2}
+//!                                    # aggregated pools pick by predicted TTFT (policies::pick::predicted_ttft)
+//!                                    # unless weights or session affinity are set (then weighted scorers)
 //!       load_gate: {margin: 100ms, prefill_tokens_per_s: 15928}   # or `load_gate: off`
 //!       session_affinity: true       # x-session-id keeps a conversation on its pod (session weight 1 if unset)
 //!       pd: {non_cached_tokens: 512, min_prompt_tokens: 0, ttft_margin: 500ms, colocate_on_prefill: true}

@@ -23,6 +23,7 @@ use policies::decision::{DecisionRecord, DecisionRing, Keyed, PdRecord};
 use policies::endpoint::{EndpointId, EndpointView, Role};
 use policies::openai::RequestView as OpenAiView;
 use policies::pick::pd::{PdChoice, PdRouted, PdRouter};
+use policies::pick::predicted_ttft::{PrefillModel, TtftOutcome};
 use policies::pick::prefix::RequestFacts;
 use policies::pick::profile::{Profile, Routed, Weights};
 use policies::pick::session::SessionTable;
@@ -198,10 +199,20 @@ impl CachePool {
                 Arc::new(k)
             });
         let w = cfg.weights;
+        // Aggregated pools pick by predicted TTFT (issue 27; its calibration learns from this pool's first tokens),
+        // unless the config asks for scorers: weights of its own, or session affinity (a scorer).
+        let base = if uses_predicted_ttft(cfg) {
+            Profile::predicted_ttft(
+                PrefillModel::default(),
+                tokio::time::Instant::now().into_std(),
+            )
+        } else {
+            Profile::cache_aware()
+        };
         let profile = Profile {
             weights: w,
             gate: cfg.gate,
-            ..Profile::cache_aware()
+            ..base
         };
         let mut pd = PdRouter {
             cfg: cfg.pd,
@@ -522,8 +533,22 @@ impl Keyed for LazyDecision {
     fn request_id(&self) -> &str {
         &self.request_id
     }
+    /// Also feeds the predicted-TTFT picker's calibration with this first token.
     fn set_measured_ttft(&mut self, ms: f64) {
         self.measured_ttft_ms = Some(ms);
+        if let (Some(t), How::Profile(r)) = (&self.profile.ttft, &self.decided.how)
+            && let Some(p) = r.predicted
+        {
+            let secs = ms / 1000.0;
+            let at = self.now + std::time::Duration::try_from_secs_f64(secs).unwrap_or_default();
+            t.calibration.observe(
+                TtftOutcome {
+                    predicted_raw_s: p.raw_s,
+                    measured_s: secs,
+                },
+                at,
+            );
+        }
     }
 }
 
@@ -581,6 +606,9 @@ impl LazyDecision {
         let predicted_ttft_ms = match pd {
             Some(p) if self.fallback.is_none() => p.decision.predicted_ttft_s() * 1000.0,
             Some(p) => p.decision.colocated_ttft_s * 1000.0,
+            None if routed.predicted.is_some() => {
+                routed.predicted.map_or(0.0, |p| p.ttft_s * 1000.0)
+            }
             None => {
                 let d = self.decided.index;
                 let prompt =
@@ -614,6 +642,12 @@ pub fn has_prefill(roles: impl IntoIterator<Item = Role>) -> bool {
     roles.into_iter().any(|r| r == Role::Prefill)
 }
 
+/// Whether a cache-aware pool's aggregated picks go by predicted TTFT: yes unless its config sets scorer weights of
+/// its own or turns on session affinity (both only mean something to the weighted scorers).
+pub fn uses_predicted_ttft(cfg: &CacheAwareConfig) -> bool {
+    cfg.weights == Weights::default()
+}
+
 /// Weights shown in `/debug/routes` for a cache-aware pool.
 pub fn describe(cfg: &CacheAwareConfig) -> String {
     let Weights {
@@ -626,11 +660,17 @@ pub fn describe(cfg: &CacheAwareConfig) -> String {
         prefill_backlog,
     } = cfg.weights;
     format!(
-        "{} prefix={prefix} queue={queue} kv={kv} token_load={token_load} active_request={active_request} \
-         session={session} prefill_backlog={prefill_backlog} gate={} pd_non_cached_tokens={}",
+        "{} picker={} prefix={prefix} queue={queue} kv={kv} \
+         token_load={token_load} active_request={active_request} session={session} prefill_backlog={prefill_backlog} \
+         gate={} pd_non_cached_tokens={}",
         match cfg.index {
             IndexKind::Approximate => "cache-aware",
             IndexKind::Precise => "precise-prefix",
+        },
+        if uses_predicted_ttft(cfg) {
+            "predicted-ttft"
+        } else {
+            "max-score"
         },
         if cfg.gate.is_some() { "on" } else { "off" },
         cfg.pd.non_cached_tokens

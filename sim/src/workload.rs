@@ -14,6 +14,10 @@ use rand::Rng;
 use rand_distr::{Distribution, Exp, Gamma, StandardNormal};
 use serde::Serialize;
 
+mod sessions;
+
+pub use sessions::{ANSWER_S_PER_TOKEN, MultiTurnSpec, cache_bound};
+
 /// One request of a trace.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TraceRequest {
@@ -29,6 +33,11 @@ pub struct TraceRequest {
     pub output_tokens: u32,
     /// Identity of the unique part: equal seeds give equal unique tokens (the same question asked again).
     pub unique_seed: u64,
+    /// Multi-turn session ([`sessions`]): the tokens after the group prefix are the first `unique_tokens` of the
+    /// session's own token stream instead of `unique_seed`'s, so a longer turn of a session starts with every
+    /// shorter one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<u64>,
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -42,6 +51,7 @@ fn mix(a: u64, b: u64) -> u64 {
 const ORDINARY: u64 = 128_000;
 const PREFIX_DOMAIN: u64 = 0x5052_4546;
 const UNIQUE_DOMAIN: u64 = 0x554E_4951;
+const SESSION_DOMAIN: u64 = 0x5345_5353;
 
 impl TraceRequest {
     /// Total prompt length.
@@ -50,10 +60,11 @@ impl TraceRequest {
     }
 
     fn piece(&self, trace_seed: u64, k: u32) -> u64 {
-        match self.prefix_group {
-            Some(g) if k < self.prefix_tokens => {
+        match (self.prefix_group, self.session) {
+            (Some(g), _) if k < self.prefix_tokens => {
                 mix(mix(trace_seed ^ PREFIX_DOMAIN, g), u64::from(k))
             }
+            (_, Some(s)) => mix(mix(trace_seed ^ SESSION_DOMAIN, s), u64::from(k)),
             _ => mix(
                 mix(trace_seed ^ UNIQUE_DOMAIN, self.unique_seed),
                 u64::from(k),
@@ -306,11 +317,13 @@ pub enum Workload {
     /// Offline batch summarisation: input median 1500 (sigma 0.6, 64..8192), output median 600 (sigma 0.4,
     /// 64..2048), Poisson (default 1 req/s; no published rate).
     Batch,
+    /// Multi-turn chat sessions ([`MultiTurnSpec`]): every turn resends the conversation; default 20 req/s.
+    MultiTurn(MultiTurnSpec),
 }
 
 /// Canonical names, then the aliases `weir bench` uses for the same workloads.
 const NAMES: &str = "azure-conv (chat), azure-code (code-completion), shared-prefix, llmd-shared-prefix \
-                     (shared-prefix-llm-d), long-prompt (long-prompt-mix), tiny, long-context-rag, batch";
+                     (shared-prefix-llm-d), long-prompt (long-prompt-mix), tiny, long-context-rag, batch, multi-turn";
 
 impl std::str::FromStr for Workload {
     type Err = String;
@@ -326,6 +339,7 @@ impl std::str::FromStr for Workload {
             "tiny" => Ok(Workload::Tiny),
             "long-context-rag" => Ok(Workload::LongContextRag),
             "batch" => Ok(Workload::Batch),
+            "multi-turn" => Ok(Workload::MultiTurn(MultiTurnSpec::DEFAULT)),
             _ => Err(format!("unknown workload `{s}` ({NAMES})")),
         }
     }
@@ -343,6 +357,7 @@ impl Workload {
             Workload::Tiny => "tiny",
             Workload::LongContextRag => "long-context-rag",
             Workload::Batch => "batch",
+            Workload::MultiTurn(_) => "multi-turn",
         }
     }
 
@@ -354,6 +369,7 @@ impl Workload {
             Workload::SharedPrefix(_) | Workload::Tiny => 10.0,
             Workload::LongPrompt | Workload::Batch => 1.0,
             Workload::LongContextRag => 12_031.0 / (59.0 * 60.0),
+            Workload::MultiTurn(_) => 20.0,
         }
     }
 
@@ -387,6 +403,7 @@ impl Workload {
                 output: LengthDist::bounded(600.0, 0.4, 64.0, 2048.0),
             },
             Workload::SharedPrefix(spec) => Shape::Shared(*spec),
+            Workload::MultiTurn(spec) => Shape::FirstTurn(*spec),
             Workload::LongPrompt => Shape::Fixed {
                 input: 8192,
                 output: 512,
@@ -401,6 +418,7 @@ impl Workload {
 
     /// A trace of `duration_s` seconds at `rate` req/s (None = the default rate): all arrival times are drawn
     /// first, then each request from [`sampler`](Self::sampler) in arrival order with its index as `index`.
+    /// Multi-turn sessions are drawn session by session instead ([`MultiTurnSpec::generate`]).
     pub fn generate(
         &self,
         duration_s: f64,
@@ -408,6 +426,9 @@ impl Workload {
         rng: &mut impl Rng,
     ) -> Vec<TraceRequest> {
         let rate = rate.unwrap_or_else(|| self.default_rate());
+        if let Workload::MultiTurn(spec) = self {
+            return spec.generate(rate, duration_s, rng);
+        }
         let times = self.arrivals(rate).times(duration_s, rng);
         let sampler = self.sampler();
         times
@@ -430,6 +451,9 @@ enum Shape {
     },
     /// One of the G x P shared-prefix questions, uniformly.
     Shared(SharedPrefixSpec),
+    /// The first turn of a new multi-turn session (one request at a time cannot continue a session; whole sessions
+    /// come from [`Workload::generate`]).
+    FirstTurn(MultiTurnSpec),
 }
 
 /// Draws single requests of a workload (no arrival process): for load generators that decide arrivals themselves
@@ -452,6 +476,7 @@ impl Sampler {
             unique_tokens,
             output_tokens,
             unique_seed: index,
+            session: None,
         };
         match &self.shape {
             Shape::Fixed { input, output } => unique(*input, *output),
@@ -470,6 +495,21 @@ impl Sampler {
                     unique_tokens: spec.question_tokens,
                     output_tokens: spec.output_tokens,
                     unique_seed: q,
+                    session: None,
+                }
+            }
+            Shape::FirstTurn(spec) => {
+                let prompt =
+                    (spec.system_tokens + spec.context.sample(rng) + spec.message.sample(rng))
+                        .min(spec.max_prompt_tokens.max(spec.system_tokens + 1));
+                TraceRequest {
+                    arrival_s,
+                    prefix_group: Some(0),
+                    prefix_tokens: spec.system_tokens,
+                    unique_tokens: prompt - spec.system_tokens,
+                    output_tokens: spec.answer.sample(rng),
+                    unique_seed: index,
+                    session: Some(index),
                 }
             }
         }
@@ -650,6 +690,7 @@ mod tests {
             "tiny",
             "long-context-rag",
             "batch",
+            "multi-turn",
         ] {
             assert_eq!(n.parse::<Workload>().unwrap().name(), n);
         }

@@ -14,6 +14,7 @@ pub mod breaker;
 pub mod budget;
 pub mod load_gate;
 pub mod pd;
+pub mod predicted_ttft;
 pub mod prefix;
 pub mod profile;
 #[cfg(test)]

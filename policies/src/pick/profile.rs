@@ -9,6 +9,11 @@
 //! weighted score per scorer, which filter dropped whom); it is separate so the hot path does not pay for it when
 //! records are off.
 //!
+//! [`Profile::predicted_ttft`] replaces the weighted scorers and max-score with the [`PredictedTtft`] picker (the
+//! least predicted time to first token, see [`super::predicted_ttft`]), keeping the role filter and the gate; its
+//! [`Profile::explain`] rows carry each candidate's predicted wait and TTFT instead of scores. It is the `cache-aware`
+//! and `precise-prefix` policies' picker for aggregated pools.
+//!
 //! Presets (weights configurable): [`Weights::weir`] (the default) prefix 3, queue 2, kv 2, prefill-backlog 2;
 //! [`Weights::llm_d`] queue 2, kv 2, prefix 3 (GIE v1.5 / llm-d's chart);
 //! [`Weights::prefill`] prefix 3, token-load 2; [`Weights::decode`] prefix 3, kv 1, active-request 1 (the
@@ -21,6 +26,7 @@ use rand_core::RngCore;
 
 use super::active_request::ActiveRequest;
 use super::load_gate::{GateOutcome, LoadGate};
+use super::predicted_ttft::{PredictedTtft, Prediction, PrefillModel};
 use super::prefix::{PrefixCache, RequestFacts};
 use super::scorers::{
     Available, DecodeCapable, KvCacheUtilization, PrefillBacklog, Queue, TokenLoad,
@@ -163,6 +169,8 @@ pub struct Profile {
     pub weights: Weights,
     /// Anti-herding gate on prefix hits; `None` trusts the prefix score blindly.
     pub gate: Option<LoadGate>,
+    /// Pick by predicted TTFT instead of weighted scorers and max-score (`weights` then unused).
+    pub ttft: Option<PredictedTtft>,
 }
 
 /// A profile's pick.
@@ -171,6 +179,8 @@ pub struct Routed {
     pub choice: Choice,
     /// What the load gate changed.
     pub gate: GateOutcome,
+    /// The chosen pod's predicted TTFT, when the profile picks by it.
+    pub predicted: Option<Prediction>,
 }
 
 impl Profile {
@@ -181,6 +191,16 @@ impl Profile {
             role: RoleFilter::DecodeCapable,
             weights: Weights::weir(),
             gate: Some(LoadGate::default()),
+            ttft: None,
+        }
+    }
+
+    /// Aggregated serving by predicted TTFT ([`PredictedTtft`] with `model`; its calibration's clock starts at
+    /// `origin`): role filter and gate as [`Self::cache_aware`].
+    pub fn predicted_ttft(model: PrefillModel, origin: Instant) -> Self {
+        Self {
+            ttft: Some(PredictedTtft::new(model, origin)),
+            ..Self::cache_aware()
         }
     }
 
@@ -191,6 +211,7 @@ impl Profile {
             role: RoleFilter::PrefillOnly,
             weights: Weights::prefill(),
             gate: Some(LoadGate::default()),
+            ttft: None,
         }
     }
 
@@ -201,6 +222,7 @@ impl Profile {
             role: RoleFilter::DecodeCapable,
             weights: Weights::decode(),
             gate: Some(LoadGate::default()),
+            ttft: None,
         }
     }
 
@@ -294,6 +316,14 @@ impl Profile {
             }
             &filtered
         };
+        if let Some(t) = &self.ttft {
+            let (choice, p) = t.pick(req, cands, matched, facts, rng);
+            return Ok(Routed {
+                choice,
+                gate,
+                predicted: Some(p),
+            });
+        }
         let choice = score_and_pick(
             self.terms(matched, facts),
             &Picker::MaxScore,
@@ -302,7 +332,11 @@ impl Profile {
             now,
             rng,
         );
-        Ok(Routed { choice, gate })
+        Ok(Routed {
+            choice,
+            gate,
+            predicted: None,
+        })
     }
 
     /// Decision-record rows for every endpoint in `eps`: the filter that dropped it, or each scorer's raw and
@@ -336,6 +370,8 @@ impl Profile {
                 gated: routed.gate.gated.iter().any(|&(i, _)| i == e.index),
                 scores: Vec::new(),
                 total: 0.0,
+                predicted_wait_ms: None,
+                predicted_ttft_ms: None,
             })
             .collect();
         let kept: Vec<EndpointView> = eps
@@ -344,6 +380,14 @@ impl Profile {
             .filter(|(_, r)| r.filtered_by.is_none())
             .map(|(e, _)| *e)
             .collect();
+        if let Some(t) = &self.ttft {
+            let kept_rows = rows.iter_mut().filter(|r| r.filtered_by.is_none());
+            for (row, p) in kept_rows.zip(t.predict_all(req, &kept, &matched, facts)) {
+                row.predicted_wait_ms = Some(p.wait_s * 1000.0);
+                row.predicted_ttft_ms = Some(p.ttft_s * 1000.0);
+            }
+            return rows;
+        }
         let mut out = vec![0.0; kept.len()];
         for (scorer, weight) in self.terms(&matched, facts) {
             scorer.score(req, &kept, now, &mut out);
@@ -511,6 +555,22 @@ mod tests {
             1,
             "without the gate the prefix herds onto one pod"
         );
+    }
+
+    #[test]
+    fn predicted_ttft_replicates_a_hot_prefix_under_load_and_keeps_affinity_when_idle() {
+        let p = Profile::predicted_ttft(PrefillModel::default(), now());
+        let burst = hot_prefix(&p, 64, true);
+        assert!(
+            distinct(&burst) > 1,
+            "a hot prefix gets a replica: {burst:?}"
+        );
+        // Hits stay on the holder while its queue is shorter than a full prefill elsewhere (here 4 of them, as every
+        // request of this burst stays queued), so each replica serves a run of hits rather than one request each.
+        assert!(burst[..4].iter().all(|&i| i == burst[0]), "{burst:?}");
+        assert!(distinct(&burst) <= 64 / 4, "{burst:?}");
+        let cold = hot_prefix(&p, 64, false);
+        assert_eq!(distinct(&cold), 1, "an idle fleet keeps affinity: {cold:?}");
     }
 
     /// weir issue 6: in a P/D pool the decode profile's gate saw the idle prefill pod that had prefilled a document

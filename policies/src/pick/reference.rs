@@ -243,5 +243,9 @@ pub fn decide(
         now,
         rng,
     )?;
-    Ok(Routed { choice, gate })
+    Ok(Routed {
+        choice,
+        gate,
+        predicted: None,
+    })
 }

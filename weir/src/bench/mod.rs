@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use client::{HttpClient, LoadClient, Target};
 use report::{Report, RequestRecord, ServerHistogram, Slo};
-use workload::{Generator, RequestSpec, TraceBuilder, TraceEntry};
+use workload::{Generator, RequestSpec, Sessions, TraceBuilder, TraceEntry};
 
 /// How requests arrive.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,6 +44,8 @@ pub enum Mode {
 pub enum Source {
     Preset(Generator),
     Trace(Vec<TraceEntry>),
+    /// Multi-turn sessions drawn up front, replayed at their own times (`Mode::Trace`).
+    Sessions(Sessions),
 }
 
 /// A validated benchmark run.
@@ -90,6 +92,11 @@ impl Specs {
                 let e = entries.get(self.next)?;
                 self.next += 1;
                 Some(self.trace.spec(e, &mut self.rng))
+            }
+            Source::Sessions(s) => {
+                let spec = s.specs.get(self.next)?.clone();
+                self.next += 1;
+                Some(spec)
             }
         }
     }
@@ -157,10 +164,11 @@ pub async fn run(plan: Plan) -> Report {
     });
     let warmup = plan.warmup;
     let deadline = plan.duration.map(|d| run.t0 + warmup + d);
-    let total_known = match (&run.specs.lock().source, plan.requests) {
-        (_, Some(n)) => Some(n),
-        (Source::Trace(e), None) => Some(e.len() as u64),
-        _ => None,
+    let (total_known, cache_bound) = match (&run.specs.lock().source, plan.requests) {
+        (Source::Sessions(s), n) => (n.or(Some(s.specs.len() as u64)), Some(s.bound)),
+        (_, Some(n)) => (Some(n), None),
+        (Source::Trace(e), None) => (Some(e.len() as u64), None),
+        _ => (None, None),
     };
     let bar = progress_bar(
         plan.progress,
@@ -222,7 +230,7 @@ pub async fn run(plan: Plan) -> Report {
         .unwrap_or_else(|_| vec![None; plan.scrape.len()]);
     let server = server_histograms(&before, &after);
     let prefix_cache = server_prefix_cache(&before, &after);
-    report::build(
+    let mut report = report::build(
         &records,
         warmup_s,
         measured,
@@ -230,7 +238,9 @@ pub async fn run(plan: Plan) -> Report {
         plan.config_echo,
         server,
         prefix_cache,
-    )
+    );
+    report.cache_bound = cache_bound;
+    report
 }
 
 /// vLLM's prefix-cache counters over the window, summed over targets that answered both scrapes.

@@ -144,6 +144,10 @@ pub struct Report {
     pub server: Vec<ServerHistogram>,
     /// Server-side prefix-cache hit rate over the measured window, when the scraped targets are vLLM-like.
     pub server_prefix_cache: Option<ServerPrefixCache>,
+    /// The workload's infinite-cache hit rate over the measured window (multi-turn): the most any router and fleet
+    /// could reuse, to read `server_prefix_cache` against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_bound: Option<f64>,
 }
 
 /// Build the report from every record of the run.
@@ -221,6 +225,7 @@ pub fn build(
         goodput,
         server,
         server_prefix_cache,
+        cache_bound: None,
     }
 }
 
@@ -284,6 +289,17 @@ pub fn table(r: &Report) -> String {
             s,
             "\nserver prefix cache: hit rate {:.3} ({:.0} of {:.0} prompt tokens)",
             p.hit_rate, p.hits, p.queries
+        );
+    }
+    if let Some(b) = r.cache_bound {
+        let _ = writeln!(
+            s,
+            "{}workload's infinite-cache hit rate (bound): {b:.3}",
+            if r.server_prefix_cache.is_some() {
+                ""
+            } else {
+                "\n"
+            }
         );
     }
     for h in &r.server {

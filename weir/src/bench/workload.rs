@@ -15,6 +15,10 @@
 //! - `shared-prefix`: G groups x P prompts, system S tokens shared per group + question Q tokens unique per prompt,
 //!   output O; each request picks a (group, prompt) uniformly. inference-perf defaults 10x10, S 100, Q 50, O 50;
 //!   `shared-prefix-llm-d` is llm-d's headline 150x5, S 6000, Q 1200, O 1000.
+//! - `multi-turn`: chat sessions whose every turn resends the conversation ([`sim::workload::MultiTurnSpec`]). A
+//!   session's turns depend on each other's times, so the whole run is drawn up front ([`Sessions`]) and replayed at
+//!   its own arrival times, with the infinite-cache hit rate of its measured window as the bound to read the pods'
+//!   hit rate against.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,6 +111,36 @@ impl Generator {
         let index = self.drawn.fetch_add(1, Ordering::Relaxed);
         let r = self.sampler.draw(index, 0.0, rng);
         RequestSpec::from_trace(&r, self.text_seed, None)
+    }
+}
+
+/// A multi-turn run drawn up front: request specs with their arrival times, and the bound on reuse.
+#[derive(Debug)]
+pub struct Sessions {
+    /// In arrival order (`at` set).
+    pub specs: Vec<RequestSpec>,
+    /// Infinite-cache prefix hit rate of the requests arriving after the warm-up ([`sim::workload::cache_bound`]).
+    pub bound: f64,
+}
+
+impl Sessions {
+    /// Multi-turn sessions at about `rate` req/s for `span_s` seconds (warm-up included); the text seed and every
+    /// length and time are drawn from `rng`.
+    pub fn multi_turn(
+        spec: &sim::workload::MultiTurnSpec,
+        rate: f64,
+        span_s: f64,
+        warmup_s: f64,
+        rng: &mut impl Rng,
+    ) -> Self {
+        let text_seed: u64 = rng.random();
+        let trace = spec.generate(rate, span_s, rng);
+        let bound = sim::workload::cache_bound(&trace, 16, text_seed, warmup_s);
+        let specs = trace
+            .iter()
+            .map(|r| RequestSpec::from_trace(r, text_seed, Some(r.arrival_s)))
+            .collect();
+        Self { specs, bound }
     }
 }
 
@@ -219,6 +253,7 @@ impl TraceBuilder {
             unique_tokens: total - shared,
             output_tokens: e.output_tokens,
             unique_seed: rng.random(),
+            session: None,
         };
         RequestSpec::from_trace(&r, self.seed, Some(e.t))
     }
@@ -366,6 +401,35 @@ mod tests {
         let s0 = &specs[0];
         let full = format!("{}{}", s0.system.as_deref().unwrap_or(""), s0.user);
         assert_eq!(ByteTokenizer.encode(&full).len(), 60);
+    }
+
+    #[test]
+    fn multi_turn_turns_resend_the_conversation_as_text() {
+        let s = Sessions::multi_turn(
+            &sim::workload::MultiTurnSpec::DEFAULT,
+            10.0,
+            90.0,
+            30.0,
+            &mut rng(),
+        );
+        assert!(s.specs.len() > 400, "{}", s.specs.len());
+        assert!((0.6..0.95).contains(&s.bound), "{}", s.bound);
+        assert!(s.specs.windows(2).all(|w| w[0].at <= w[1].at));
+        // Some later spec extends an earlier one's text whole: the next turn of its session.
+        let first = &s.specs[0];
+        let next = s.specs[1..]
+            .iter()
+            .find(|x| x.user.starts_with(&first.user))
+            .expect("a later turn of the first session");
+        assert_eq!(next.system, first.system);
+        assert!(next.user.len() > first.user.len() + 4 * 32);
+        for x in [first, next] {
+            let full = format!("{}{}", x.system.as_deref().unwrap_or(""), x.user);
+            assert_eq!(
+                ByteTokenizer.encode(&full).len(),
+                x.prompt_tokens.unwrap_or(0) as usize
+            );
+        }
     }
 
     #[test]

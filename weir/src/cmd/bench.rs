@@ -31,6 +31,9 @@ pub enum WorkloadName {
     Batch,
     /// ISL 8192 / OSL 512.
     LongPromptMix,
+    /// Multi-turn chat sessions (every turn resends the conversation; ~12k-token prompts, think time between
+    /// turns, skewed popularity); open loop at the sessions' own times, needs --rate and --duration.
+    MultiTurn,
 }
 
 /// Flags of `weir bench`.
@@ -229,6 +232,7 @@ async fn run_async(a: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(a.seed);
+    let mut mode = mode;
     let source = match &a.trace {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -239,6 +243,23 @@ async fn run_async(a: BenchArgs) -> anyhow::Result<()> {
                 bail!("{}: trace has no requests", path.display());
             }
             Source::Trace(entries)
+        }
+        None if a.workload == WorkloadName::MultiTurn => {
+            let (Mode::Open { rate }, Some(d)) = (mode, a.duration) else {
+                bail!(
+                    "--workload multi-turn needs --rate and --duration (sessions arrive at their own times)"
+                );
+            };
+            mode = Mode::Trace { speed: 1.0 };
+            let span = (a.warmup + d).as_secs_f64();
+            let spec = sim::workload::MultiTurnSpec::DEFAULT;
+            Source::Sessions(bench::workload::Sessions::multi_turn(
+                &spec,
+                rate,
+                span,
+                a.warmup.as_secs_f64(),
+                &mut rng,
+            ))
         }
         None => {
             let base = match a.workload {
@@ -278,7 +299,9 @@ async fn run_async(a: BenchArgs) -> anyhow::Result<()> {
                         WorkloadName::CodeCompletion => Preset::CodeCompletion,
                         WorkloadName::Batch => Preset::Batch,
                         WorkloadName::LongPromptMix => Preset::LongPromptMix,
-                        WorkloadName::SharedPrefix | WorkloadName::SharedPrefixLlmD => Preset::Chat,
+                        WorkloadName::SharedPrefix
+                        | WorkloadName::SharedPrefixLlmD
+                        | WorkloadName::MultiTurn => Preset::Chat,
                     }
                 }
             };

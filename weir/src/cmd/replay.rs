@@ -19,7 +19,8 @@ pub enum Dispatch {
 
 #[derive(Args, Debug)]
 pub struct ReplayArgs {
-    /// azure-conv, azure-code, shared-prefix, llmd-shared-prefix, long-prompt.
+    /// azure-conv, azure-code, shared-prefix, llmd-shared-prefix, long-prompt, long-context-rag, batch, tiny,
+    /// multi-turn.
     #[arg(long, default_value = "azure-conv")]
     pub workload: Workload,
     /// Trace length, seconds of virtual time.
@@ -64,6 +65,8 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         ..DesConfig::default()
     };
     let report = sim::des::run(&fleet.pods(), &trace, dispatcher.as_mut(), &cfg);
+    // What an infinite cache behind perfect routing would hit, to read the pods' hit rate against.
+    let bound = sim::workload::cache_bound(&trace, 16, cfg.trace_seed, 0.0);
     let wall = started.elapsed().as_secs_f64();
     match args.format {
         Format::Md => {
@@ -75,6 +78,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
                 args.seed
             );
             print!("{}", report.to_markdown());
+            println!("\ninfinite-cache prefix hit rate (bound): {bound:.3}");
             println!("\nwall time: {wall:.2} s");
         }
         Format::Json => {
@@ -84,6 +88,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
                 "fleet": args.fleet,
                 "seed": args.seed,
                 "report": report,
+                "cache_bound": bound,
                 "wall_s": wall,
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
