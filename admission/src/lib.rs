@@ -1,0 +1,192 @@
+//! Tenant admission: who a request belongs to, whether it may run, when it may dispatch, and what it used.
+//!
+//! The router's `identify -> admit -> route -> proxy -> account` phases call this crate at `identify` and `admit`,
+//! and settle the [`Permit`] at `account`. Decisions (tier priority, weighted fair queuing, room) are the pure
+//! [`policies::fair`] / [`policies::room`] functions; this crate is the thin stateful shell around them: locks,
+//! wake-ups, the durable usage ledger ([`ledger`]), metrics, and the Kubernetes policy watcher. It must not depend
+//! on the router.
+//!
+//! # API (the contract with the router)
+//!
+//! ```text
+//! Admission::from_policies(Vec<TenantPolicySpec>, AdmissionConfig) -> Result<Admission, Error>   // Clone = Arc
+//! Admission::identify(api_key: Option<&str>) -> Result<Identity, Reject>
+//!     keys are held only as SHA-256 hashes, compared in constant time; with no policies, every caller is the
+//!     implicit tenant `default` (tier standard)
+//! async Admission::admit(&Identity, AdmitRequest { model, pool, prompt_tokens, max_tokens, deadline }, now)
+//!     -> Result<Permit, Reject>
+//!     model access check, enqueue in the tenant's tier, resolve when the pool has room; cancel-safe (dropping the
+//!     future while queued frees the place at once and counts it as `abandoned`)
+//! Admission::set_room(pool, room)          // from policies::room::pool_room over the pool's endpoint snapshot;
+//!                                          // a pool never given room is not gated
+//! Permit { tenant, tier, model, pool, request_id, queued_for, .. }
+//!     .complete(Usage) / .fail(Usage) / .cancel(Usage); Drop unsettled = cancelled (no token counts);
+//!     every end returns the slot and dispatches the next waiter
+//! Reject { reason: RejectReason, retry_after: Option<Duration>, message }   // reason.status(), reason.code()
+//! Admission::replace_policies(Vec<TenantPolicySpec>) -> Result<(), Error>   // live, keeps queued requests
+//! Admission::usage(tenant) / usage_all() -> Vec<UsageRow>; is_admin(api_key); register_metrics(&mut Registry)
+//! ```
+//!
+//! Ledger invariant, per tenant x model x tier: `admitted = completed + failed + cancelled` once every permit is
+//! settled; requests that never got a permit are `rejected` (model not allowed, queue full, deadline passed) or
+//! `abandoned` (client gone while queued).
+
+mod gate;
+pub mod ledger;
+mod metrics;
+mod tenants;
+#[cfg(test)]
+mod tests;
+pub mod watcher;
+
+use std::time::Duration;
+
+use policies::fair::FairConfig;
+use policies::tenant::{ApiKeyHash, InvalidPolicy};
+
+pub use gate::{Admission, AdmitRequest, Permit, Usage};
+pub use ledger::{Counters, LedgerConfig, UsageRow};
+pub use tenants::{DEFAULT_TENANT, Identity, OTHER_LABEL};
+pub use watcher::PolicyWatcher;
+
+/// Errors of the admission crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tenant policy is invalid (names the field).
+    #[error(transparent)]
+    InvalidPolicy(#[from] InvalidPolicy),
+    /// The ledger store failed.
+    #[error("usage ledger: {0}")]
+    Ledger(#[source] redb::Error),
+}
+
+impl Error {
+    /// Short stable name for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidPolicy(_) => "invalid_policy",
+            Error::Ledger(_) => "ledger",
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings of admission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdmissionConfig {
+    /// Scheduler settings (cost weights, tier floors, per-tier queue bounds, retry-after).
+    pub fair: FairConfig,
+    /// Ledger file and flush interval.
+    pub ledger: LedgerConfig,
+    /// Tenants (by name) that get their own metric label; the rest share `other`.
+    pub max_tenant_labels: usize,
+    /// Output tokens assumed when a request sets no `max_tokens` (llm-d's 128).
+    pub default_output_tokens: u64,
+    /// Cap on the output estimate charged at dispatch (a huge `max_tokens` is rarely used in full).
+    pub max_output_estimate: u64,
+    /// Hashes of admin keys (may read every tenant's usage).
+    pub admin_keys: Vec<ApiKeyHash>,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            fair: FairConfig::default(),
+            ledger: LedgerConfig::default(),
+            max_tenant_labels: 50,
+            default_output_tokens: 128,
+            max_output_estimate: 2048,
+            admin_keys: Vec::new(),
+        }
+    }
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// No API key while tenants are configured (401).
+    MissingApiKey,
+    /// The key matches no tenant (401).
+    InvalidApiKey,
+    /// The tenant may not use the model (403).
+    ModelNotAllowed,
+    /// The tier's queue of the pool is full (429).
+    QueueFull,
+    /// The tenant has its maximum of waiting requests (429).
+    TenantQueueFull,
+    /// The request's deadline passed while it waited (429).
+    DeadlineExceeded,
+}
+
+impl RejectReason {
+    /// HTTP status to answer with.
+    pub fn status(self) -> u16 {
+        match self {
+            RejectReason::MissingApiKey | RejectReason::InvalidApiKey => 401,
+            RejectReason::ModelNotAllowed => 403,
+            RejectReason::QueueFull
+            | RejectReason::TenantQueueFull
+            | RejectReason::DeadlineExceeded => 429,
+        }
+    }
+
+    /// OpenAI error `code` (and metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MissingApiKey => "missing_api_key",
+            RejectReason::InvalidApiKey => "invalid_api_key",
+            RejectReason::ModelNotAllowed => "model_not_allowed",
+            RejectReason::QueueFull => "queue_full",
+            RejectReason::TenantQueueFull => "tenant_queue_full",
+            RejectReason::DeadlineExceeded => "queue_timeout",
+        }
+    }
+
+    /// OpenAI error `type`.
+    pub fn error_type(self) -> &'static str {
+        match self {
+            RejectReason::MissingApiKey | RejectReason::InvalidApiKey => "authentication_error",
+            RejectReason::ModelNotAllowed => "permission_error",
+            _ => "rate_limit_error",
+        }
+    }
+}
+
+/// A rejection, for the router to render as an OpenAI error (with `Retry-After` when set).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Reject {
+    /// Why.
+    pub reason: RejectReason,
+    /// When the client may retry (429s).
+    pub retry_after: Option<Duration>,
+    /// Message safe to show the client.
+    pub message: String,
+}
+
+impl Reject {
+    /// A rejection.
+    pub fn new(
+        reason: RejectReason,
+        retry_after: Option<Duration>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            reason,
+            retry_after,
+            message: message.into(),
+        }
+    }
+
+    /// The OpenAI-shaped error (status, type, code); `Retry-After` is the caller's header from [`Reject::retry_after`].
+    pub fn to_api_error(&self) -> policies::errors::ApiError {
+        policies::errors::ApiError::new(
+            self.reason.status(),
+            self.reason.error_type(),
+            self.message.clone(),
+        )
+        .with_code(self.reason.as_str())
+    }
+}
