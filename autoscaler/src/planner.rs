@@ -1,0 +1,430 @@
+//! The planner: from the demand history, choose replica counts per pool. Pure: `now` and every observation are
+//! arguments; no clock, no I/O.
+//!
+//! Per call:
+//! 1. Metrics older than `stale_after_s` (or none yet): hold the fleet, never scale down (conservative).
+//! 2. Demand = mean token rates over the stable window (60 s), raised by the upward trend of the last `trend_s`
+//!    extrapolated over the cold start plus half the window (a pod asked for now serves only after it starts), plus
+//!    queued prompt tokens spread over `queue_drain_s`.
+//! 3. Panic (Knative KPA): when the short window's demand is `panic_threshold` times what the ready pods sustain, the
+//!    short window counts too and nothing scales down until a stable window passes without such a crossing.
+//! 4. Headroom: plan for demand / `target_utilization`.
+//! 5. Scale up at once (to the demand plus half the hysteresis band), keeping every current pod and adding the
+//!    cheapest pods that cover the gap (a pod being
+//!    replaced would leave a hole during the newcomer's cold start). Scale down (or change the mix) only to the plan
+//!    for the highest demand of the last `scale_down_delay_s` (HPA-style stabilization), only when it saves more
+//!    than `hysteresis` of the current cost, and remove pods only once no pod of the plan is still starting.
+
+use std::collections::VecDeque;
+
+use serde::Serialize;
+
+use crate::crd::PlannerConfig;
+use crate::mix::{self, Demand, Mix, PoolOption};
+
+/// Demand measured over one interval ending at `t`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct DemandSample {
+    pub t: f64,
+    pub prompt_tok_s: f64,
+    pub output_tok_s: f64,
+    /// Prompt tokens waiting (held by the router or queued in engines).
+    pub queued_prompt_tokens: f64,
+}
+
+/// Why the planner chose what it chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// No fresh metrics: the fleet is held (never scaled down).
+    Stale,
+    /// Demand exceeds the current pods: cheapest pods added.
+    ScaleUp,
+    /// The stabilized demand allows a cheaper fleet.
+    ScaleDown,
+    /// A cheaper fleet is planned; removals wait for its new pods to be ready.
+    Replacing,
+    /// The current fleet covers the demand and no cheaper plan saves enough.
+    Steady,
+    /// Even every pool at its maximum cannot cover the demand.
+    AtMax,
+}
+
+/// The planner's answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Recommendation {
+    pub replicas: Vec<u32>,
+    pub reason: Reason,
+    pub panic: bool,
+    /// The demand (with headroom) the counts were sized for.
+    pub planned: Demand,
+    pub cost_per_hour: f64,
+}
+
+/// Per-pool plan state: the pools, their settings and the recent history.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    cfg: PlannerConfig,
+    pools: Vec<PoolOption>,
+    /// Cold start of a new pod, seconds.
+    startup_s: f64,
+    history: VecDeque<DemandSample>,
+    /// Planned demands (headroom included) of the scale-down window.
+    recent: VecDeque<(f64, Demand)>,
+    /// Last time the short window crossed the panic threshold, while in panic.
+    panic_crossed: Option<f64>,
+}
+
+fn mean(it: impl Iterator<Item = DemandSample>) -> Option<Demand> {
+    let (mut n, mut p, mut o) = (0.0, 0.0, 0.0);
+    for s in it {
+        n += 1.0;
+        p += s.prompt_tok_s;
+        o += s.output_tok_s;
+    }
+    (n > 0.0).then(|| Demand {
+        prompt_tok_s: p / n,
+        output_tok_s: o / n,
+    })
+}
+
+/// Least-squares slope of `f` over the samples (0 with fewer than 3).
+fn slope(samples: &[DemandSample], f: impl Fn(&DemandSample) -> f64) -> f64 {
+    if samples.len() < 3 {
+        return 0.0;
+    }
+    let n = samples.len() as f64;
+    let mt = samples.iter().map(|s| s.t).sum::<f64>() / n;
+    let my = samples.iter().map(&f).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for s in samples {
+        num += (s.t - mt) * (f(s) - my);
+        den += (s.t - mt) * (s.t - mt);
+    }
+    if den > 0.0 { num / den } else { 0.0 }
+}
+
+impl Planner {
+    pub fn new(cfg: PlannerConfig, pools: Vec<PoolOption>, startup_s: f64) -> Self {
+        Planner {
+            cfg,
+            pools,
+            startup_s,
+            history: VecDeque::new(),
+            recent: VecDeque::new(),
+            panic_crossed: None,
+        }
+    }
+
+    pub fn pools(&self) -> &[PoolOption] {
+        &self.pools
+    }
+
+    pub fn config(&self) -> &PlannerConfig {
+        &self.cfg
+    }
+
+    /// Record one interval's demand (out-of-order or non-finite samples are ignored).
+    pub fn observe(&mut self, s: DemandSample) {
+        let finite = s.t.is_finite()
+            && s.prompt_tok_s.is_finite()
+            && s.output_tok_s.is_finite()
+            && s.queued_prompt_tokens.is_finite();
+        if !finite || self.history.back().is_some_and(|l| l.t > s.t) {
+            return;
+        }
+        self.history.push_back(s);
+        let keep = self
+            .cfg
+            .stable_s
+            .max(self.cfg.trend_s)
+            .max(self.cfg.panic_s);
+        while self.history.front().is_some_and(|f| f.t < s.t - keep) {
+            self.history.pop_front();
+        }
+    }
+
+    fn clamp(&self, counts: &[u32]) -> Vec<u32> {
+        self.pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| counts.get(i).copied().unwrap_or(p.min).clamp(p.min, p.max))
+            .collect()
+    }
+
+    /// The demand to plan for at `now` (before headroom), and whether the short window is in panic.
+    fn demand(&mut self, now: f64, ready: &[u32]) -> Option<(Demand, bool)> {
+        let last = self.history.back()?;
+        if now - last.t > self.cfg.stale_after_s {
+            return None;
+        }
+        let within = |w: f64| self.history.iter().copied().filter(move |s| s.t > now - w);
+        let stable = mean(within(self.cfg.stable_s))?;
+        let panic_d = mean(within(self.cfg.panic_s)).unwrap_or(stable);
+        let trend: Vec<DemandSample> = within(self.cfg.trend_s).collect();
+        let lead = self.startup_s + self.cfg.stable_s / 2.0;
+        let forecast = Demand {
+            prompt_tok_s: stable.prompt_tok_s + slope(&trend, |s| s.prompt_tok_s).max(0.0) * lead,
+            output_tok_s: stable.output_tok_s + slope(&trend, |s| s.output_tok_s).max(0.0) * lead,
+        };
+        let queued = last.queued_prompt_tokens.max(0.0) / self.cfg.queue_drain_s;
+        let mut d = stable.max(forecast);
+        d.prompt_tok_s += queued;
+        // Panic: the short window wants `panic_threshold` x what is ready.
+        let ready_cov = mix::coverage(&self.pools, &self.clamp_ready(ready), panic_d);
+        let crossing = ready_cov.is_finite() && ready_cov * self.cfg.panic_threshold <= 1.0;
+        if crossing {
+            self.panic_crossed = Some(now);
+        } else if self
+            .panic_crossed
+            .is_some_and(|t| now - t >= self.cfg.stable_s)
+        {
+            self.panic_crossed = None;
+        }
+        let panic = self.panic_crossed.is_some();
+        if panic {
+            d = d.max(panic_d);
+        }
+        Some((d, panic))
+    }
+
+    fn clamp_ready(&self, ready: &[u32]) -> Vec<u32> {
+        (0..self.pools.len())
+            .map(|i| ready.get(i).copied().unwrap_or(0))
+            .collect()
+    }
+
+    /// Replica counts per pool for `now`, given the current (ready + starting) and ready counts.
+    pub fn recommend(&mut self, now: f64, current: &[u32], ready: &[u32]) -> Recommendation {
+        let cur = self.clamp(current);
+        let Some((demand, panic)) = self.demand(now, ready) else {
+            return Recommendation {
+                cost_per_hour: mix::cost(&self.pools, &cur),
+                replicas: cur,
+                reason: Reason::Stale,
+                panic: self.panic_crossed.is_some(),
+                planned: Demand::default(),
+            };
+        };
+        let planned = demand.scale(1.0 / self.cfg.target_utilization);
+        self.recent.push_back((now, planned));
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| *t < now - self.cfg.scale_down_delay_s)
+        {
+            self.recent.pop_front();
+        }
+        let done = |replicas: Vec<u32>, reason| Recommendation {
+            cost_per_hour: mix::cost(&self.pools, &replicas),
+            replicas,
+            reason,
+            panic,
+            planned,
+        };
+        if mix::coverage(&self.pools, &cur, planned) < 1.0 - 1e-9 {
+            // Scale up: keep everything, add the cheapest cover for the gap.
+            let mut floor = self.pools.clone();
+            for (p, &n) in floor.iter_mut().zip(&cur) {
+                p.min = n;
+            }
+            // A margin of half the hysteresis band, so noise just above the fleet does not add pods tick by tick.
+            let m: Mix = mix::cheapest(&floor, planned.scale(1.0 + self.cfg.hysteresis / 2.0));
+            let reason = if m.covered {
+                Reason::ScaleUp
+            } else {
+                Reason::AtMax
+            };
+            return done(m.replicas, reason);
+        }
+        if panic {
+            return done(cur, Reason::Steady);
+        }
+        let highest = self.recent.iter().fold(planned, |acc, (_, d)| acc.max(*d));
+        // A wider margin than a scale-up's, so a fleet just shrunk is not topped up again by the next noisy sample.
+        let best = mix::cheapest(&self.pools, highest.scale(1.0 + self.cfg.hysteresis));
+        let cur_cost = mix::cost(&self.pools, &cur);
+        if best.cost_per_hour >= cur_cost * (1.0 - self.cfg.hysteresis) {
+            return done(cur, Reason::Steady);
+        }
+        // Start the plan's new pods now; remove pods only when nothing is starting.
+        let grows = best.replicas.iter().zip(&cur).any(|(b, c)| b > c);
+        let starting = cur.iter().zip(ready).any(|(c, r)| c > r);
+        if grows || starting {
+            let out: Vec<u32> = best
+                .replicas
+                .iter()
+                .zip(&cur)
+                .map(|(&b, &c)| b.max(c))
+                .collect();
+            return done(out, Reason::Replacing);
+        }
+        done(best.replicas, Reason::ScaleDown)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::Capacity;
+    use proptest::prelude::*;
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    use sim::engine::Role;
+
+    fn pools() -> Vec<PoolOption> {
+        let p = |name: &str, price: f64, rate: f64, max: u32| PoolOption {
+            name: name.into(),
+            gpu: name.into(),
+            role: Role::Both,
+            price_per_hour: price,
+            min: 0,
+            max,
+            capacity: Capacity {
+                rate,
+                prefill_tok_s: rate * 1000.0,
+                decode_tok_s: rate * 200.0,
+                concurrency: rate,
+            },
+        };
+        vec![p("h100", 6.88, 10.0, 20), p("l4", 0.80, 1.0, 40)]
+    }
+
+    fn at(rate: f64, t: f64) -> DemandSample {
+        DemandSample {
+            t,
+            prompt_tok_s: rate * 1000.0,
+            output_tok_s: rate * 200.0,
+            queued_prompt_tokens: 0.0,
+        }
+    }
+
+    fn planner() -> Planner {
+        Planner::new(PlannerConfig::new("llama-3.1-8b", 2.0, 0.1), pools(), 120.0)
+    }
+
+    /// Drive the planner over `rates` (one per 5 s tick) with pods ready `startup` after being asked for.
+    fn drive(p: &mut Planner, rates: &[f64], start: Vec<u32>) -> Vec<Recommendation> {
+        let mut cur = start.clone();
+        let mut ready = start;
+        let mut pending: Vec<(f64, Vec<u32>)> = Vec::new();
+        let mut out = Vec::new();
+        for (k, &r) in rates.iter().enumerate() {
+            let t = 5.0 * (k + 1) as f64;
+            pending.retain(|(at, c)| {
+                if *at <= t {
+                    ready = c.clone();
+                    false
+                } else {
+                    true
+                }
+            });
+            p.observe(at(r, t));
+            let rec = p.recommend(t, &cur, &ready);
+            if rec.replicas != cur {
+                let grow = rec.replicas.iter().zip(&cur).any(|(a, b)| a > b);
+                if grow {
+                    pending.push((t + 120.0, rec.replicas.clone()));
+                }
+                ready = ready
+                    .iter()
+                    .zip(&rec.replicas)
+                    .map(|(&r, &n)| r.min(n))
+                    .collect();
+                cur = rec.replicas.clone();
+            }
+            out.push(rec);
+        }
+        out
+    }
+
+    #[test]
+    fn stale_or_missing_metrics_hold_the_fleet() {
+        let mut p = planner();
+        let r = p.recommend(10.0, &[3, 1], &[3, 1]);
+        assert_eq!((r.replicas, r.reason), (vec![3, 1], Reason::Stale));
+        p.observe(at(0.0, 10.0));
+        // 31 s later the sample is stale: no scale-down despite zero demand.
+        let r = p.recommend(41.0, &[3, 1], &[3, 1]);
+        assert_eq!((r.replicas, r.reason), (vec![3, 1], Reason::Stale));
+        // Out-of-bounds current counts are clamped even then.
+        let r = p.recommend(41.0, &[30, 1], &[30, 1]);
+        assert_eq!(r.replicas, vec![20, 1]);
+    }
+
+    #[test]
+    fn scales_up_at_once_and_down_only_after_the_delay() {
+        let mut p = planner();
+        let mut rates = vec![20.0; 60];
+        rates.extend(vec![5.0; 120]);
+        let recs = drive(&mut p, &rates, vec![0, 0]);
+        assert_eq!(recs[0].reason, Reason::ScaleUp);
+        let cap = |r: &Recommendation| r.replicas[0] as f64 * 10.0 + r.replicas[1] as f64;
+        assert!(cap(&recs[0]) >= 20.0 / 0.85);
+        // Load drops at tick 60 (300 s); nothing is removed during the next 300 s.
+        for r in &recs[60..118] {
+            assert!(cap(r) >= 20.0 / 0.85, "{r:?}");
+        }
+        let last = recs.last().unwrap();
+        assert!(cap(last) < 20.0 && cap(last) >= 5.0 / 0.85, "{last:?}");
+    }
+
+    #[test]
+    fn a_burst_enters_panic_and_a_rising_trend_is_anticipated() {
+        let mut p = planner();
+        let mut rates = vec![4.0; 30];
+        rates.extend(vec![30.0; 4]);
+        let recs = drive(&mut p, &rates, vec![1, 0]);
+        assert!(recs.last().unwrap().panic);
+        assert!(recs.last().unwrap().planned.prompt_tok_s >= 30_000.0);
+        // A ramp of +0.02 req/s per second: the plan leads the current rate by the cold start.
+        let mut p = planner();
+        let ramp: Vec<f64> = (0..80).map(|k| 2.0 + 0.1 * k as f64).collect();
+        let recs = drive(&mut p, &ramp, vec![1, 0]);
+        let now_rate = ramp[79];
+        assert!(
+            recs[79].planned.prompt_tok_s / 1000.0 > now_rate + 0.02 * 120.0,
+            "{:?}",
+            recs[79].planned
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn never_outside_bounds_for_any_history(
+            rates in proptest::collection::vec(0.0f64..400.0, 1..80),
+            cur in proptest::collection::vec(0u32..60, 2),
+        ) {
+            let mut p = planner();
+            let recs = drive(&mut p, &rates, cur);
+            for r in recs {
+                prop_assert!(r.replicas[0] <= 20 && r.replicas[1] <= 40);
+            }
+        }
+
+        #[test]
+        fn no_oscillation_on_a_flat_noisy_load(level in 1.0f64..150.0, noise in 0.0f64..0.1, seed in 0u64..1000) {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let rates: Vec<f64> = (0..1440).map(|_| level * (1.0 + noise * (rng.random::<f64>() * 2.0 - 1.0))).collect();
+            let mut p = planner();
+            let recs = drive(&mut p, &rates, vec![0, 0]);
+            // After the first 10 minutes, at most one reversal in the next 110 (top-ups
+            // by the cheapest pods, later consolidated into a cheaper mix of the same capacity): no up-down cycles.
+            let costs: Vec<f64> = recs[120..].iter().map(|r| r.cost_per_hour).collect();
+            let moves: Vec<f64> = costs.windows(2).map(|w| w[1] - w[0]).filter(|d| d.abs() > 1e-9).collect();
+            let reversals = moves.windows(2).filter(|m| m[0].signum() != m[1].signum()).count();
+            prop_assert!(reversals <= 1, "cost moves {moves:?}");
+        }
+
+        #[test]
+        fn monotone_in_load(a in 0.0f64..300.0, k in 1.0f64..3.0) {
+            let mut lo = planner();
+            let mut hi = planner();
+            lo.observe(at(a, 5.0));
+            hi.observe(at(a * k, 5.0));
+            let rl = lo.recommend(5.0, &[0, 0], &[0, 0]);
+            let rh = hi.recommend(5.0, &[0, 0], &[0, 0]);
+            prop_assert!(rh.cost_per_hour >= rl.cost_per_hour - 1e-9);
+        }
+    }
+}
