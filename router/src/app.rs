@@ -2,7 +2,7 @@
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` (aggregated over routes),
 //! `GET /health` (503 while draining), `GET /metrics`, `GET /debug/routes` (routes, weights and shares, pools,
-//! endpoint state). Every response carries `x-request-id`; every error is OpenAI-shaped.
+//! endpoint state), `GET /debug/pods` (per-pod load samples, [`crate::pods`]). Every response carries `x-request-id`; every error is OpenAI-shaped.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -431,6 +431,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/debug/decisions", get(crate::decisions::list))
         .route("/debug/decisions/{request_id}", get(crate::decisions::one))
         .route("/debug/prefix", get(crate::decisions::prefix))
+        .route("/debug/pods", get(crate::pods::debug_pods))
         .fallback(not_found)
         .with_state(state)
 }

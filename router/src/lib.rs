@@ -15,6 +15,7 @@ mod handler_tests;
 pub mod kv_index;
 pub mod metrics;
 pub mod pd;
+pub mod pods;
 pub mod proxy;
 pub mod route;
 pub mod scrape;
