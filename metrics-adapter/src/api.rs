@@ -124,9 +124,9 @@ fn source_error(e: crate::Error) -> Response {
     )
 }
 
-fn selector(q: &HashMap<String, String>, key: &str) -> Result<Selector, Response> {
+fn selector(q: &HashMap<String, String>, key: &str) -> Result<Selector, Box<Response>> {
     Selector::parse(q.get(key).map_or("", String::as_str))
-        .map_err(|e| status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()))
+        .map_err(|e| Box::new(status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())))
 }
 
 /// The metric labels of a pod value (what `metricLabelSelector` and external `labelSelector` match).
@@ -191,13 +191,15 @@ fn list(version: &str, items: Vec<Value>) -> Response {
 }
 
 /// Resolves the version and metric, or the 404 reply.
-fn lookup(s: &AdapterState, version: &str, metric: &str) -> Result<&'static Metric, Response> {
+fn lookup(s: &AdapterState, version: &str, metric: &str) -> Result<&'static Metric, Box<Response>> {
     if !version_ok(version) {
-        return Err(not_found(format!("{CUSTOM_GROUP}/{version} is not served")));
+        return Err(Box::new(not_found(format!(
+            "{CUSTOM_GROUP}/{version} is not served"
+        ))));
     }
     catalog::find(metric)
         .filter(|m| s.source.metrics().iter().any(|x| x.name == m.name))
-        .ok_or_else(|| not_found(format!("metric `{metric}` is not served")))
+        .ok_or_else(|| Box::new(not_found(format!("metric `{metric}` is not served"))))
 }
 
 fn namespace_ok(s: &AdapterState, ns: &str) -> bool {
@@ -212,14 +214,14 @@ async fn custom_object(
 ) -> Response {
     let m = match lookup(&s, &version, &metric) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (labels, metric_labels_sel) = match (
         selector(&q, "labelSelector"),
         selector(&q, "metricLabelSelector"),
     ) {
         (Ok(a), Ok(b)) => (a, b),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(r), _) | (_, Err(r)) => return *r,
     };
     let values = match s.source.values(m).await {
         Ok(v) => v,
@@ -274,7 +276,7 @@ async fn custom_namespace(
 ) -> Response {
     let m = match lookup(&s, &version, &metric) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let values = match s.source.values(m).await {
         Ok(v) => v,
@@ -357,7 +359,7 @@ async fn external_value(
     };
     let sel = match selector(&q, "labelSelector") {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let values = match s.source.values(m).await {
         Ok(v) if namespace_ok(&s, &ns) => v,

@@ -85,10 +85,10 @@ impl RouterSource {
                 ttl,
             } => {
                 let now = tokio::time::Instant::now();
-                if let Some((at, s)) = &*self.cache.lock() {
-                    if now.duration_since(*at) < *ttl {
-                        return Ok(s.clone());
-                    }
+                if let Some((at, s)) = &*self.cache.lock()
+                    && now.duration_since(*at) < *ttl
+                {
+                    return Ok(s.clone());
                 }
                 let reads = futures::future::join_all(urls.iter().map(|u| async move {
                     let r = client

@@ -1,6 +1,7 @@
 //! HPA v2 replica arithmetic (autoscaling-and-metrics-apis.md §5: tolerance 0.1, missing pods, scale-up rate
 //! policies, 300 s scale-down stabilization) driven by the values the adapter serves for a scripted load: the
 //! replica counts must follow the expected scale-up and delayed scale-down.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! Wire shapes of the custom and external metrics APIs against the reference (`autoscaling-and-metrics-apis.md`
 //! §1–§2), through `app(state).oneshot(..)` with the router source fed in process.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
