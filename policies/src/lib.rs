@@ -16,9 +16,11 @@ pub mod hf_tokenizer;
 pub mod kv_events;
 pub mod openai;
 pub mod pick;
+pub mod pool;
 pub mod prefix;
 pub mod room;
 pub mod tenant;
+pub mod promtext;
 #[cfg(test)]
 mod testkit;
 pub mod tokens;

@@ -120,6 +120,10 @@ pub struct RawEndpointDetail {
     /// vLLM KV-event replay ROUTER address, to fill sequence gaps.
     #[serde(default)]
     pub kv_replay: Option<String>,
+    /// GPU type (`H100`, `A100-80`, `L4`, ..): the endpoint's `weir.dev/gpu` label, for per-pool metrics and
+    /// autoscaling. Overrides the pool's `gpu`.
+    #[serde(default)]
+    pub gpu: Option<String>,
 }
 
 impl RawEndpoint {
@@ -161,6 +165,9 @@ pub struct RawPool {
     /// Scheduling policy (default round-robin).
     #[serde(default)]
     pub policy: Option<RawPolicy>,
+    /// GPU type of every endpoint in the pool that does not name its own.
+    #[serde(default)]
+    pub gpu: Option<String>,
 }
 
 /// Scheduling policy in YAML, tagged by `kind`.
@@ -377,6 +384,8 @@ pub struct EndpointConfig {
     pub kv_events: Option<String>,
     /// KV-event replay address (`tcp://..`).
     pub kv_replay: Option<String>,
+    /// GPU type (endpoint's, else the pool's), published as the `weir.dev/gpu` label.
+    pub gpu: Option<String>,
 }
 
 /// Which prefix index a cache-aware pool reads.
@@ -647,13 +656,18 @@ fn validate_tcp(field: &str, addr: &Option<String>) -> Result<Option<String>, Er
     }
 }
 
-fn validate_endpoint(field: &str, e: &RawEndpoint) -> Result<EndpointConfig, Error> {
+fn validate_endpoint(
+    field: &str,
+    e: &RawEndpoint,
+    pool_gpu: &Option<String>,
+) -> Result<EndpointConfig, Error> {
     match e {
         RawEndpoint::Url(u) => Ok(EndpointConfig {
             url: validate_url(field, u)?,
             role: Role::Both,
             kv_events: None,
             kv_replay: None,
+            gpu: pool_gpu.clone(),
         }),
         RawEndpoint::Detailed(d) => {
             let role = match d.role.as_deref() {
@@ -678,6 +692,7 @@ fn validate_endpoint(field: &str, e: &RawEndpoint) -> Result<EndpointConfig, Err
                 role,
                 kv_events,
                 kv_replay,
+                gpu: d.gpu.clone().or_else(|| pool_gpu.clone()),
             })
         }
     }
@@ -903,6 +918,7 @@ impl RawConfig {
                 model: None,
                 endpoints: urls,
                 policy: None,
+                gpu: None,
             });
         }
         Ok(())
@@ -968,7 +984,11 @@ impl RawConfig {
             }
             let mut endpoints = Vec::new();
             for (j, e) in p.endpoints.iter().enumerate() {
-                endpoints.push(validate_endpoint(&format!("{f}.endpoints[{j}]"), e)?);
+                endpoints.push(validate_endpoint(
+                    &format!("{f}.endpoints[{j}]"),
+                    e,
+                    &p.gpu,
+                )?);
             }
             let policy = validate_policy(&format!("{f}.policy"), p.policy)?;
             pools.push(PoolConfig {

@@ -121,7 +121,7 @@ async fn completion(State(f): State<Arc<Fake>>, req: Request<Body>) -> Response 
 }
 
 async fn metrics() -> &'static str {
-    "vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 1\nvllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 2\nvllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.5\n"
+    "vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 1\nvllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 2\nvllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.5\nweir_gpu_info{gpu=\"A100-80\"} 1\n"
 }
 
 async fn fake(mode: u8) -> (Arc<Fake>, String) {
@@ -556,6 +556,34 @@ async fn the_server_answers_through_the_same_stack() {
     drop(r);
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+
+#[tokio::test]
+async fn debug_pods_serves_policies_samples_with_gpu_from_config_or_scrape() {
+    let (_f1, a) = fake(OK).await;
+    let (_f2, b) = fake(OK).await;
+    let s = state(&format!(
+        "pools: [{{name: m, endpoints: ['{a}', {{url: '{b}', gpu: H100, role: decode}}]}}]\nscrape: {{interval: 20ms}}"
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (st, _, body) =
+            send(&s, Request::get("/debug/pods").body(Body::empty()).unwrap()).await;
+        assert_eq!(st, StatusCode::OK);
+        let pods: Vec<policies::pool::PodSample> = serde_json::from_str(&body).unwrap();
+        assert_eq!(pods.len(), 2);
+        if pods.iter().all(|p| p.scraped.is_some() && p.gpu.is_some()) {
+            let by = |url: &str| pods.iter().find(|p| url.ends_with(&p.id)).unwrap();
+            assert_eq!(by(&a).gpu.as_deref(), Some("A100-80"), "from weir_gpu_info");
+            assert_eq!(by(&b).gpu.as_deref(), Some("H100"), "config label wins");
+            assert_eq!(by(&b).role, "decode");
+            assert_eq!(by(&a).pod, by(&a).id, "static endpoints keep host:port");
+            let sc = by(&a).scraped.unwrap();
+            assert_eq!((sc.waiting, sc.running, sc.kv_usage), (2, 1, 0.5));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never scraped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pd;
 pub mod pipeline;
 pub mod plan;
+pub mod pods;
 pub mod route;
 pub mod scrape;
 pub mod shared;

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
+use policies::promtext;
 
 use crate::client::HttpClient;
 use crate::config::ScrapeConfig;
@@ -17,29 +18,20 @@ use crate::metrics::{EndpointLabel, Metrics, RouteLabel};
 use crate::snapshot::{Endpoint, EndpointSnapshot};
 use crate::state::Scrape;
 
-/// Parses Prometheus text exposition. Series for several engines or DP ranks are summed (waiting, running) or
-/// maxed (KV usage). Returns `None` when none of the load series is present (not a vLLM server).
+/// Reads vLLM's load series out of Prometheus text ([`policies::promtext`]). Series for several engines or DP ranks
+/// are summed (waiting, running) or maxed (KV usage). Returns `None` when none of the load series is present (not a
+/// vLLM server).
 pub fn parse(text: &str) -> Option<Scrape> {
     let mut s = Scrape::default();
     let mut seen = false;
     let mut kv_new: Option<f64> = None;
     let mut kv_legacy: Option<f64> = None;
-    for line in text.lines() {
-        if line.starts_with('#') || line.is_empty() {
+    for sample in promtext::samples(text) {
+        let v = sample.value;
+        if v.is_nan() {
             continue;
         }
-        let (series, value) = match line.rsplit_once(' ') {
-            Some((a, b)) => (a.trim(), b.trim()),
-            None => continue,
-        };
-        let (name, labels) = match series.find('{') {
-            Some(i) => (&series[..i], &series[i..]),
-            None => (series, ""),
-        };
-        let Ok(v) = value.parse::<f64>() else {
-            continue;
-        };
-        match name {
+        match sample.name {
             "vllm:num_requests_waiting" => {
                 s.waiting = s.waiting.saturating_add(v.max(0.0) as u32);
                 seen = true;
@@ -51,8 +43,8 @@ pub fn parse(text: &str) -> Option<Scrape> {
             "vllm:kv_cache_usage_perc" => kv_new = Some(kv_new.unwrap_or(0.0).max(v)),
             "vllm:gpu_cache_usage_perc" => kv_legacy = Some(kv_legacy.unwrap_or(0.0).max(v)),
             "vllm:cache_config_info" => {
-                s.block_size = label(labels, "block_size").and_then(|b| b.parse().ok());
-                s.num_gpu_blocks = label(labels, "num_gpu_blocks").and_then(|b| b.parse().ok());
+                s.block_size = sample.label("block_size").and_then(|b| b.parse().ok());
+                s.num_gpu_blocks = sample.label("num_gpu_blocks").and_then(|b| b.parse().ok());
             }
             _ => {}
         }
@@ -61,20 +53,10 @@ pub fn parse(text: &str) -> Option<Scrape> {
     seen.then_some(s)
 }
 
-/// The value of `key` in a `{k="v",..}` label block (values without escaped quotes, as vLLM writes them).
-fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("{key}=\"");
-    let mut rest = labels;
-    while let Some(i) = rest.find(&pat) {
-        // Require a label boundary so `num_gpu_blocks` does not match `cpu_num_gpu_blocks`.
-        let boundary = i == 0 || matches!(rest.as_bytes()[i - 1], b'{' | b',' | b' ');
-        let after = &rest[i + pat.len()..];
-        if boundary {
-            return after.find('"').map(|end| &after[..end]);
-        }
-        rest = after;
-    }
-    None
+/// The GPU type a pod announces in its `weir_gpu_info{gpu=".."}` info series (`weir sim` does; vLLM does not).
+pub fn gpu_info(text: &str) -> Option<String> {
+    promtext::series(text, policies::pool::GPU_INFO_SERIES)
+        .find_map(|s| s.label("gpu").map(|g| g.into_owned()))
 }
 
 async fn scrape_one(client: &HttpClient, ep: &Endpoint, timeout: Duration) -> Option<Scrape> {
@@ -90,7 +72,14 @@ async fn scrape_one(client: &HttpClient, ep: &Endpoint, timeout: Duration) -> Op
             return None;
         }
         let body = resp.into_body().collect().await.ok()?.to_bytes();
-        parse(std::str::from_utf8(&body).ok()?)
+        let text = std::str::from_utf8(&body).ok()?;
+        if let Some(gpu) = gpu_info(text) {
+            let mut g = ep.state.scraped_gpu.lock();
+            if g.as_deref() != Some(gpu.as_str()) {
+                *g = Some(gpu.into());
+            }
+        }
+        parse(text)
     };
     tokio::time::timeout(timeout, fut).await.ok().flatten()
 }
@@ -185,6 +174,13 @@ vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 12.
         let s =
             parse("vllm:num_requests_waiting 0\nvllm:gpu_cache_usage_perc{a=\"b\"} 0.5\n").unwrap();
         assert_eq!(s.kv_usage, 0.5);
+    }
+
+    #[test]
+    fn reads_the_gpu_info_series() {
+        let text = "vllm:num_requests_waiting 0\nweir_gpu_info{gpu=\"A100-80\"} 1.0\n";
+        assert_eq!(gpu_info(text).as_deref(), Some("A100-80"));
+        assert_eq!(gpu_info(SAMPLE), None);
     }
 
     #[test]

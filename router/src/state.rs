@@ -37,6 +37,8 @@ pub struct EndpointState {
     /// Backend-429 cooldown: not picked until this many ms since the router's epoch (0 = never cooled). A 429 is
     /// capacity, not failure, so it never touches the breaker.
     cooled_until_ms: AtomicU64,
+    /// GPU type from the pod's `weir_gpu_info` series (used when discovery gave no `weir.dev/gpu` label).
+    pub scraped_gpu: Mutex<Option<std::sync::Arc<str>>>,
 }
 
 /// Scraped values to store.
@@ -64,6 +66,7 @@ impl EndpointState {
             scrape_failures: AtomicU32::new(0),
             breaker: Mutex::new(CircuitBreaker::new(breaker)),
             cooled_until_ms: AtomicU64::new(0),
+            scraped_gpu: Mutex::new(None),
         }
     }
 

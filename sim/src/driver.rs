@@ -510,6 +510,7 @@ mod tests {
             max_model_len: 1000,
             cache_config: vec![],
             created_unix: 0.0,
+            gpu: None,
         })));
         let d = Driver::spawn(
             Engine::new(cfg),

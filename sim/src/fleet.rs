@@ -252,6 +252,7 @@ pub async fn start_pod(
         max_model_len: profile.max_model_len,
         cache_config,
         created_unix: unix_now(),
+        gpu: Some(profile.gpu.clone()),
     })));
 
     let (kv, kv_eps) = match &o.kv_events {

@@ -217,6 +217,9 @@ pub struct MetricsConfig {
     pub max_model_len: u32,
     /// `vllm:cache_config_info` labels, `(name, value)`; sorted on output.
     pub cache_config: Vec<(String, String)>,
+    /// GPU type printed as `weir_gpu_info{gpu=".."} 1.0` (weir's own info series, in the style of vLLM's
+    /// `cache_config_info`; vLLM has no GPU-type series), so a router without a `weir.dev/gpu` label learns it.
+    pub gpu: Option<String>,
     /// Unix time the series were created (`_created`).
     pub created_unix: f64,
 }
@@ -536,6 +539,15 @@ impl Metrics {
             "vllm:lora_requests_info{{max_lora=\"0\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} {}",
             go_float(self.lora_info_time)
         );
+        if let Some(gpu) = &self.cfg.gpu {
+            let _ = writeln!(w.out, "# HELP weir_gpu_info GPU type of this model server.");
+            let _ = writeln!(w.out, "# TYPE weir_gpu_info gauge");
+            let _ = writeln!(
+                w.out,
+                "weir_gpu_info{{{}}} 1.0",
+                join_labels(&[("gpu".to_string(), gpu.clone())])
+            );
+        }
         // Sim-only: how late tokens reached clients relative to the modelled step end.
         w.base.clear();
         w.histogram(
@@ -745,6 +757,7 @@ mod tests {
                 ("num_gpu_blocks".into(), "100".into()),
             ],
             created_unix: 1_732_400_000.25,
+            gpu: Some("H100".into()),
         })
     }
 
@@ -847,6 +860,7 @@ mod tests {
         assert!(t.contains(
             "vllm:cache_config_info{block_size=\"16\",engine=\"0\",num_gpu_blocks=\"100\"} 1.0"
         ));
+        assert!(t.contains("\nweir_gpu_info{gpu=\"H100\"} 1.0\n"));
         assert!(!t.contains("gpu_cache_usage_perc"));
     }
 

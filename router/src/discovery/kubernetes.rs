@@ -41,7 +41,7 @@ pub const KV_EVENTS_PORT: &str = "weir.dev/kv-events-port";
 /// the pod has one port; pods with several data-parallel ranks need it explicitly, since rank 1 publishes at PUB + 1).
 pub const KV_REPLAY_PORT: &str = "weir.dev/kv-replay-port";
 /// Pod label carrying the GPU type (e.g. `H100`, `A100-80`, `L4`); read with [`gpu_type`].
-pub const GPU_LABEL: &str = "weir.dev/gpu";
+pub const GPU_LABEL: &str = policies::pool::GPU_LABEL;
 
 /// GIE `InferencePool` (`inference.networking.k8s.io/v1`): the pods serving one model, and the ports to reach them.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -87,6 +87,11 @@ impl Discovery {
                     role: e.role,
                     kv_events: e.kv_events.clone(),
                     kv_replay: e.kv_replay.clone(),
+                    labels: e
+                        .gpu
+                        .iter()
+                        .map(|g| (policies::pool::GPU_LABEL.to_string(), g.clone()))
+                        .collect(),
                     ..DiscoveredEndpoint::from_url(&p.name, &e.url)
                 })
             })
@@ -149,5 +154,30 @@ mod tests {
         drop(a);
         drop(b);
         assert!(!d.changed().await);
+    }
+
+    #[test]
+    fn static_endpoints_carry_their_gpu_label() {
+        let cfg = crate::config::RawConfig::from_yaml(
+            "pools:\n- name: p\n  gpu: L4\n  endpoints:\n  - http://127.0.0.1:1\n  - {url: http://127.0.0.1:2, gpu: H100}\n- name: q\n  endpoints: [http://127.0.0.1:3]\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let mut d = Discovery::new();
+        d.add_static(&cfg);
+        let gpus: Vec<(String, Option<String>)> = d
+            .current()
+            .into_iter()
+            .map(|e| (e.id, e.labels.get(policies::pool::GPU_LABEL).cloned()))
+            .collect();
+        assert_eq!(
+            gpus,
+            [
+                ("127.0.0.1:1".to_string(), Some("L4".to_string())),
+                ("127.0.0.1:2".to_string(), Some("H100".to_string())),
+                ("127.0.0.1:3".to_string(), None),
+            ]
+        );
     }
 }

@@ -19,6 +19,7 @@ fn state_with(f: impl FnOnce(&mut PodConfig)) -> PodState {
         max_model_len: 4096,
         cache_config: vec![],
         created_unix: 0.0,
+        gpu: None,
     })));
     let driver = Driver::spawn(
         Engine::new(cfg),
