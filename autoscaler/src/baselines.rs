@@ -344,6 +344,7 @@ mod tests {
             unique_tokens: 1000,
             output_tokens: 100,
             unique_seed: 0,
+            session: None,
         };
         // 60 requests in the first minute (1/s), 300 in the second (5/s).
         let mut trace: Vec<TraceRequest> = (0..60).map(|i| mk(f64::from(i))).collect();

@@ -69,6 +69,7 @@ fn probe_trace(mix: &[TraceRequest], rate: f64, duration_s: f64, seed: u64) -> V
             unique_tokens: m.unique_tokens,
             output_tokens: m.output_tokens,
             unique_seed: k as u64 ^ 0xCAFE_0000_0000,
+            session: None,
         });
         k += 1;
         t += exp.sample(&mut rng);

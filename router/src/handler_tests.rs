@@ -556,6 +556,7 @@ async fn the_server_answers_through_the_same_stack() {
     drop(r);
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+}
 
 #[tokio::test]
 async fn debug_pods_serves_policies_samples_with_gpu_from_config_or_scrape() {

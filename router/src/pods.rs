@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use policies::pool::{GPU_LABEL, PodSample, ScrapedSample};
 
-use crate::app::AppState;
+use crate::shared::AppState;
 use crate::snapshot::{Endpoint, EndpointSnapshot};
 
 /// A cheap clonable handle on a router's snapshot, for in-process readers of [`samples`].
