@@ -57,6 +57,9 @@ enum Command {
     Calibrate(cmd::calibrate::CalibrateArgs),
     /// Play a synthetic trace through a simulated fleet in virtual time and report latencies.
     Replay(cmd::replay::ReplayArgs),
+    /// Replay a trace through an elastic simulated fleet under each scaling policy (static peak, HPA, KEDA, weir,
+    /// oracle) and compare cost and SLO attainment; `--what-if` names the cheapest GPU mix.
+    Plan(cmd::plan::PlanArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Replay(args) => cmd::replay::run(args),
+        Command::Plan(args) => cmd::plan::run(args),
     };
     telemetry.shutdown();
     result

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod calibrate;
 pub mod demo;
+pub mod plan;
 pub mod replay;
 pub mod serve;
 pub mod sim;
