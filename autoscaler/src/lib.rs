@@ -54,7 +54,11 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 pub fn crd_yaml() -> String {
     crds()
         .iter()
-        .map(|c| serde_yaml::to_string(c).unwrap_or_default())
+        .map(|c| {
+            let mut v = serde_json::to_value(c).unwrap_or_default();
+            policies::crd::structural(&mut v);
+            serde_yaml::to_string(&v).unwrap_or_default()
+        })
         .collect::<Vec<_>>()
         .join("---\n")
 }

@@ -8,6 +8,7 @@
 //! clock or global randomness: callers pass `now` and an RNG in, so every decision is deterministic under test.
 
 pub mod blocks;
+pub mod crd;
 pub mod decision;
 pub mod endpoint;
 pub mod errors;
@@ -18,9 +19,9 @@ pub mod openai;
 pub mod pick;
 pub mod pool;
 pub mod prefix;
+pub mod promtext;
 pub mod room;
 pub mod tenant;
-pub mod promtext;
 #[cfg(test)]
 mod testkit;
 pub mod tokens;

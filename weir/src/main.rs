@@ -55,6 +55,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Print the simulator's timing model against the reference measurements, per GPU profile.
     Calibrate(cmd::calibrate::CalibrateArgs),
+    /// Write the CustomResourceDefinitions generated from the Rust types to deploy/crds/ (or check them).
+    Crdgen(cmd::crdgen::CrdgenArgs),
     /// Play a synthetic trace through a simulated fleet in virtual time and report latencies.
     Replay(cmd::replay::ReplayArgs),
     /// Replay a trace through an elastic simulated fleet under each scaling policy (static peak, HPA, KEDA, weir,
@@ -75,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Replay(args) => cmd::replay::run(args),
+        Command::Crdgen(args) => cmd::crdgen::run(args),
         Command::Plan(args) => cmd::plan::run(args),
     };
     telemetry.shutdown();

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod crdgen;
 pub mod demo;
 pub mod plan;
 pub mod replay;

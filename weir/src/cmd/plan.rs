@@ -128,6 +128,7 @@ fn read_trace(path: &PathBuf) -> anyhow::Result<Vec<TraceRequest>> {
                 unique_tokens: total - shared,
                 output_tokens: e.output_tokens,
                 unique_seed: i as u64,
+                session: None,
             }
         })
         .collect())
