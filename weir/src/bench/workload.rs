@@ -415,12 +415,19 @@ mod tests {
         assert!(s.specs.len() > 400, "{}", s.specs.len());
         assert!((0.6..0.95).contains(&s.bound), "{}", s.bound);
         assert!(s.specs.windows(2).all(|w| w[0].at <= w[1].at));
-        // Some later spec extends an earlier one's text whole: the next turn of its session.
-        let first = &s.specs[0];
-        let next = s.specs[1..]
+        // Some later spec extends an earlier one's text whole: the next turn of its session. (Not necessarily the
+        // first session's: a session may have one turn, or its next turn may fall after the window.)
+        let (first, next) = s
+            .specs
             .iter()
-            .find(|x| x.user.starts_with(&first.user))
-            .expect("a later turn of the first session");
+            .enumerate()
+            .find_map(|(i, a)| {
+                s.specs[i + 1..]
+                    .iter()
+                    .find(|b| b.user.len() > a.user.len() && b.user.starts_with(&a.user))
+                    .map(|b| (a, b))
+            })
+            .expect("a later turn of some session");
         assert_eq!(next.system, first.system);
         assert!(next.user.len() > first.user.len() + 4 * 32);
         for x in [first, next] {
