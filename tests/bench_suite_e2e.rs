@@ -1,11 +1,18 @@
 //! End-to-end test of `scripts/bench-routers`, the router benchmark harness: its pure pieces (`--self-test`), and
 //! one real proxy cell (direct-to-backend and weir round-robin at 32 concurrent) run with this build's `weir`
-//! binary, checking the JSON it writes: medians per setup, router CPU from /proc, and the issue-5 latency goal.
-//! Peer routers are left out so the test does not need the `/opt/peers` venv.
+//! binary, checking the JSON it writes: the binary's `--version`, medians per setup, where the requests went (the
+//! fleet pod's own finished-request counter), router CPU from /proc, and the issue-5 latency goal. A router that
+//! sends every request to a pod outside the measured fleet must fail its cell. Peer routers are left out so the test
+//! does not need the `/opt/peers` venv.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::{MODEL, Weir, metric_sum, scrape};
 use serde_json::Value;
 
 /// The workspace root (the harness lives in `scripts/`).
@@ -41,15 +48,18 @@ fn harness_self_test_passes() {
     assert!(out.status.success(), "{}", fail_text(&out));
 }
 
-#[test]
-fn proxy_cell_reports_medians_and_goal_for_direct_and_weir() {
-    let dir = std::env::temp_dir().join(format!("bench-suite-e2e-{}", std::process::id()));
+/// Run one quick proxy c32 cell of `setups` (extra harness flags first) into a fresh directory; return the harness's
+/// output, the JSON report and the markdown path.
+fn proxy_cell(label: &str, extra: &[&str], setups: &str) -> (Output, Value, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("bench-suite-e2e-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let out = harness(&[
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&[
         "--only",
         "proxy",
         "--setups",
-        "direct,weir-rr",
+        setups,
         "--loads",
         "c32",
         "--runs",
@@ -66,18 +76,33 @@ fn proxy_cell_reports_medians_and_goal_for_direct_and_weir() {
         "--out",
         dir.to_str().expect("utf-8 temp path"),
     ]);
-    assert!(out.status.success(), "{}", fail_text(&out));
-
+    let out = harness(&args);
     let json = std::fs::read_dir(&dir)
         .expect("read out dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.to_string_lossy().ends_with("-e2e.json"))
-        .expect("the harness wrote <stamp>-e2e.json");
-    let md = json.with_extension("md");
+        .unwrap_or_else(|| panic!("the harness wrote no <stamp>-e2e.json\n{}", fail_text(&out)));
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("read JSON"))
         .expect("valid JSON");
+    (out, doc, json.with_extension("md"))
+}
+
+#[test]
+fn proxy_cell_reports_medians_and_goal_for_direct_and_weir() {
+    let (out, doc, md) = proxy_cell("ok", &[], "direct,weir-rr");
+    assert!(out.status.success(), "{}", fail_text(&out));
     assert!(doc["command"].as_str().unwrap().contains("--only proxy"));
     assert!(doc["errors"].as_array().unwrap().is_empty(), "{doc}");
+    // The report names the measured binary by its own `--version` (the commit baked in at build time).
+    let version = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        doc["binary"].as_str(),
+        Some(String::from_utf8_lossy(&version.stdout).trim()),
+        "{doc}"
+    );
 
     let cell = &doc["medians"]["proxy"]["c32"];
     for setup in ["direct", "weir-rr"] {
@@ -85,6 +110,13 @@ fn proxy_cell_reports_medians_and_goal_for_direct_and_weir() {
         assert!(m["req_per_s"].as_f64().unwrap() > 0.0, "{setup}: {m}");
         assert_eq!(m["failed"].as_f64(), Some(0.0), "{setup}: {m}");
         assert!(m["e2e_p99_ms"].as_f64().unwrap() > 0.0, "{setup}: {m}");
+        // Where the requests went, by the fleet pod's own count: every completed request finished on it.
+        let run = &doc["results"]["proxy"]["c32"][setup][0];
+        let served = run["pod_requests"].as_array().unwrap();
+        assert_eq!(served.len(), 1, "{setup}: {run}");
+        let completed = run["requests"].as_u64().unwrap() - run["failed"].as_u64().unwrap();
+        assert!(completed > 0, "{setup}: {run}");
+        assert!(served[0].as_u64().unwrap() >= completed, "{setup}: {run}");
     }
     // Only a real router process has CPU to report; direct has none.
     assert!(cell["weir-rr"]["router_cpu_us_per_req"].as_f64().unwrap() > 0.0);
@@ -105,5 +137,34 @@ fn proxy_cell_reports_medians_and_goal_for_direct_and_weir() {
     let text = std::fs::read_to_string(&md).expect("markdown next to the JSON");
     assert!(text.contains("| weir-rr | 1 |"), "{text}");
     assert!(text.contains("| direct | 1 |"), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(md.parent().unwrap());
+}
+
+/// A router that sends every request to a pod outside the measured fleet fails its cell: the harness compares the
+/// fleet's own finished-request counters with what the bench completed.
+#[tokio::test]
+async fn a_router_sending_requests_outside_the_fleet_fails_its_cell() {
+    let decoy = Weir::sim(&[]).await;
+    let setup = format!(
+        r#"weir-wrong={{"kind":"weir","args":["--backend","{MODEL}={}","--policy","round-robin"]}}"#,
+        decoy.url()
+    );
+    let (out, doc, md) = proxy_cell(
+        "wrong",
+        &["--setup", &setup, "--add-setups", "proxy=weir-wrong"],
+        "weir-wrong",
+    );
+    assert!(!out.status.success(), "{}", fail_text(&out));
+    let errors = doc["errors"].as_array().unwrap();
+    assert!(
+        errors.iter().any(|e| {
+            let e = e.as_str().unwrap();
+            e.starts_with("proxy/c32/weir-wrong") && e.contains("went to a pod outside the fleet")
+        }),
+        "{doc}"
+    );
+    // The requests really went to the decoy.
+    let served = metric_sum(&scrape(decoy.url()).await, "vllm:request_success_total", "");
+    assert!(served > 100.0, "the decoy finished {served} requests");
+    let _ = std::fs::remove_dir_all(md.parent().unwrap());
 }

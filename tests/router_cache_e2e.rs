@@ -172,12 +172,19 @@ async fn precise_index_follows_kv_events_of_requests_sent_around_the_router() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hot_prefix_under_concurrent_load_spreads_over_pods() {
-    let f = Weir::fleet(3, "1", &["--jitter", "0"]).await;
-    let u = f.urls();
-    let backend = format!("{MODEL}={}", u.join(","));
-    let r = Weir::serve(&["--backend", &backend, "--policy", "cache-aware"]).await;
+/// 24 concurrent requests sharing one long system prompt through a fresh router with load gate `gate` (`on` /
+/// `off`) over `urls`; the pods they were routed to. Scoring is prefix hit (weight 3) against the router's in-flight
+/// count per pod (weight 1), so without the gate the prefix holder always outscores an idle pod: only the gate can
+/// move a request off it.
+async fn hot_prefix_burst(urls: &[String], gate: &str) -> BTreeSet<String> {
+    let cfg = format!(
+        "listen: 127.0.0.1:0\npools:\n  - name: {MODEL}\n    endpoints: [{}]\n    policy: {{kind: cache-aware, \
+         weights: {{prefix: 3, queue: 0, kv: 0, prefill_backlog: 0, active_request: 1}}, load_gate: {gate}}}\n",
+        urls.join(", ")
+    );
+    let path = std::env::temp_dir().join(format!("weir-gate-{gate}-{}.yaml", std::process::id()));
+    std::fs::write(&path, cfg).unwrap();
+    let r = Weir::serve(&["--config", path.to_str().unwrap()]).await;
     let url = format!("{}/v1/chat/completions", r.url());
     let sys = system_prompt("Hopper").repeat(2);
     let reqs: Vec<_> = (0..24)
@@ -192,10 +199,19 @@ async fn a_hot_prefix_under_concurrent_load_spreads_over_pods() {
         assert_eq!(st, 200, "{body}");
         pods.insert(ep);
     }
-    assert!(
-        pods.len() > 1,
-        "the load gate spreads a hot prefix: {pods:?}"
-    );
+    pods
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_gate_spreads_a_hot_prefix_over_pods() {
+    let f = Weir::fleet(3, "1", &["--jitter", "0"]).await;
+    let u = f.urls();
+    // The control: with the gate off every request of the burst piles onto the pod holding the prefix, so the
+    // spread below is the gate's doing.
+    let off = hot_prefix_burst(&u, "off").await;
+    assert_eq!(off.len(), 1, "gate off: {off:?}");
+    let on = hot_prefix_burst(&u, "on").await;
+    assert!(on.len() > 1, "the load gate spreads a hot prefix: {on:?}");
 }
 
 /// Prefill pod, decode pod and a `both` pod (separate processes, so the P/D handshake crosses processes).

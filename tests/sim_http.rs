@@ -278,3 +278,34 @@ async fn min_latency_floors_every_completion() {
         "{err}"
     );
 }
+
+/// `--slow-factor 5` stretches every engine step 5x. Judged on the pods' own inter-token histograms (model time,
+/// which real-clock lateness can only lengthen): on the slow pod no gap is under 25 ms (a decode step of the 8B model
+/// on an H100 at batch 1 is ~7.5 ms, so every slowed step is >= ~37 ms whatever the host's load), while the normal
+/// pod, same request, has gaps under 25 ms.
+#[tokio::test]
+async fn slow_factor_stretches_every_engine_step() {
+    let normal = Weir::sim_at("1", &["--jitter", "0"]).await;
+    let slow = Weir::sim_at("1", &["--jitter", "0", "--slow-factor", "5"]).await;
+    let body = json!({"model": MODEL, "prompt": "Tell me about GPUs", "max_tokens": 20, "ignore_eos": true});
+    let (normal_url, slow_url) = (
+        format!("{}/v1/completions", normal.url()),
+        format!("{}/v1/completions", slow.url()),
+    );
+    let (a, b) = tokio::join!(post(&normal_url, &body, &[]), post(&slow_url, &body, &[]));
+    assert_eq!(a.0, 200, "{}", a.1);
+    assert_eq!(b.0, 200, "{}", b.1);
+    let under_25ms = |text: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("vllm:inter_token_latency_seconds_bucket{")
+                    && l.contains("le=\"0.025\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no le=0.025 bucket:\n{text}"))
+    };
+    let (n, s) = (scrape(normal.url()).await, scrape(slow.url()).await);
+    assert_eq!(metric(&s, "vllm:inter_token_latency_seconds_count"), 19.0);
+    assert_eq!(under_25ms(&s), 0.0, "{s}");
+    assert!(under_25ms(&n) >= 1.0, "{n}");
+}

@@ -1,4 +1,5 @@
-//! End-to-end: `weir calibrate` and `weir replay` through the real binary.
+//! End-to-end: `weir calibrate` and `weir replay` through the real binary, and `weir --version` naming the commit
+//! the binary was built from.
 
 mod common;
 
@@ -110,4 +111,56 @@ fn replay_runs_the_bench_presets_by_either_name() {
 #[should_panic(expected = "unexpected argument")]
 fn harness_shows_stderr_of_a_process_that_dies_at_start() {
     common::Weir::start(&["sim", "--no-such-flag"]);
+}
+
+/// `weir --version` is `weir <version> (<commit>[-dirty])`, the commit the binary was built from (weir/build.rs):
+/// benchmark records name the measured binary with it. In a git checkout the commit is this tree's HEAD, `-dirty`
+/// exactly when the workspace's crates or manifests differ from it (cargo rebuilds the binary on any change there).
+#[test]
+fn version_names_the_commit_the_binary_was_built_from() {
+    let out = run_weir_blocking(&["--version"], Duration::from_secs(30));
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text.trim();
+    let rest = line
+        .strip_prefix(&format!("weir {} (", env!("CARGO_PKG_VERSION")))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("`{line}`"));
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"][..]) {
+        Some(head) => {
+            // The sources build.rs checks: the workspace's crates and manifests (not docs or results).
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap();
+            let mut status = vec![
+                "status".to_owned(),
+                "--porcelain".to_owned(),
+                "--".to_owned(),
+            ];
+            for e in std::fs::read_dir(root).unwrap().flatten() {
+                if e.path().join("Cargo.toml").is_file() {
+                    status.push(e.path().display().to_string());
+                }
+            }
+            status.extend(["Cargo.toml", "Cargo.lock"].map(|f| root.join(f).display().to_string()));
+            let status: Vec<&str> = status.iter().map(String::as_str).collect();
+            let dirty = !git(&status[..]).unwrap().is_empty();
+            let want = if dirty { format!("{head}-dirty") } else { head };
+            assert_eq!(rest, want, "`{line}`");
+        }
+        None => assert_eq!(rest, "unknown", "`{line}` outside a git checkout"),
+    }
+    // Every subcommand reports the same.
+    let sub = run_weir_blocking(&["serve", "--version"], Duration::from_secs(30));
+    assert!(String::from_utf8_lossy(&sub.stdout).contains(&format!("({rest})")));
 }

@@ -644,24 +644,3 @@ mod tests {
         );
     }
 }
-
-#[cfg(test)]
-mod perf {
-    use super::*;
-    use crate::profile::FleetSpec;
-    use crate::workload::Workload;
-    use rand::SeedableRng;
-    use rand::rngs::SmallRng;
-
-    /// The performance goal: a 1-hour Azure-conv trace through 8 H100 pods. Run in release:
-    /// `cargo test --release -p sim --lib des::perf -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "performance measurement; run in release"]
-    fn one_hour_azure_conv_on_eight_h100() {
-        let fleet = FleetSpec::parse("8xh100:llama-3.1-8b").unwrap().pods();
-        let trace = Workload::AzureConv.generate(3600.0, None, &mut SmallRng::seed_from_u64(0));
-        let rep = run(&fleet, &trace, &mut LeastOutstanding, &DesConfig::default());
-        println!("{}", rep.to_markdown());
-        assert_eq!(rep.completed + rep.rejected, trace.len());
-    }
-}
