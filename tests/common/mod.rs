@@ -530,20 +530,10 @@ pub async fn prefix_blocks(router: &str, id: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The labels (`{..}`, or "" without any) and value of each sample line of series `name` (exact name).
+/// The labels (the text inside `{..}`, "" without any) and value of each sample of series `name` (exact name), read
+/// with weir's one Prometheus text parser.
 fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
-    text.lines().filter_map(move |l| {
-        let rest = l.strip_prefix(name)?;
-        let (labels, value) = if rest.starts_with('{') {
-            let end = rest.rfind('}')?;
-            (&rest[..=end], rest[end + 1..].trim())
-        } else if rest.starts_with(' ') {
-            ("", rest.trim())
-        } else {
-            return None;
-        };
-        Some((labels, value.split(' ').next()?.parse().ok()?))
-    })
+    policies::promtext::series(text, name).map(|s| (s.labels, s.value))
 }
 
 /// The value of the first sample of series `name` (exact name, any labels). Panics when absent.

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use policies::promtext;
+
 /// Cumulative bucket counts of a histogram summed over all label sets, keyed by upper bound.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Histogram {
@@ -30,37 +32,20 @@ impl OrdF64 {
 }
 
 impl Histogram {
-    /// Parse `<name>_bucket{..,le="x",..} value` lines from Prometheus text; `None` if the metric is absent.
+    /// The `<name>_bucket{..,le="x",..}` samples of Prometheus text ([`promtext`]), summed over label sets per
+    /// bound; `None` if the metric is absent.
     pub fn parse(text: &str, name: &str) -> Option<Self> {
-        let prefix = format!("{name}_bucket");
+        let bucket = format!("{name}_bucket");
         let mut buckets: BTreeMap<OrdF64, f64> = BTreeMap::new();
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix(&prefix) else {
+        for s in promtext::series(text, &bucket) {
+            let Some(le) = s.label("le").and_then(|le| match &*le {
+                "+Inf" | "Inf" => Some(f64::INFINITY),
+                v => v.parse::<f64>().ok(),
+            }) else {
                 continue;
             };
-            let Some(labels_end) = rest.find('}') else {
-                continue;
-            };
-            if !rest.starts_with('{') {
-                continue;
-            }
-            let labels = &rest[1..labels_end];
-            let Some(le) = label(labels, "le") else {
-                continue;
-            };
-            let le = match le {
-                "+Inf" | "Inf" => f64::INFINITY,
-                s => match s.parse::<f64>() {
-                    Ok(v) => v,
-                    Err(_) => continue,
-                },
-            };
-            let value = rest[labels_end + 1..]
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<f64>().ok());
-            if let Some(v) = value {
-                *buckets.entry(OrdF64::new(le)).or_insert(0.0) += v;
+            if !le.is_nan() && !s.value.is_nan() {
+                *buckets.entry(OrdF64::new(le)).or_insert(0.0) += s.value;
             }
         }
         (!buckets.is_empty()).then_some(Self { buckets })
@@ -124,42 +109,7 @@ impl Histogram {
 
 /// Sum over every label set of a counter or gauge `name` (exact name, with or without labels); `None` if absent.
 pub fn counter(text: &str, name: &str) -> Option<f64> {
-    let mut total = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let value = if rest.starts_with('{') {
-            rest.find('}').map(|e| &rest[e + 1..])
-        } else if rest.starts_with(' ') {
-            Some(rest)
-        } else {
-            None // a longer name that starts with this one
-        };
-        if let Some(v) = value
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-        {
-            *total.get_or_insert(0.0) += v;
-        }
-    }
-    total
-}
-
-/// Value of label `key` in a `k="v",k2="v2"` list (no escapes inside values needed for `le`).
-fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
-    let mut rest = labels;
-    while !rest.is_empty() {
-        let eq = rest.find('=')?;
-        let k = rest[..eq].trim().trim_start_matches(',').trim();
-        let after = rest[eq + 1..].strip_prefix('"')?;
-        let close = after.find('"')?;
-        if k == key {
-            return Some(&after[..close]);
-        }
-        rest = after[close + 1..].trim_start_matches(',');
-    }
-    None
+    promtext::sum(text, name)
 }
 
 #[cfg(test)]
@@ -206,13 +156,6 @@ weir_sim_token_lateness_seconds_bucket{model_name="other",le="+Inf"} 0
         assert!(Histogram::parse("vllm:x 1\n", "weir_sim_token_lateness_seconds").is_none());
         let a = Histogram::parse(BEFORE, "weir_sim_token_lateness_seconds").unwrap();
         assert!(a.delta(&a).quantile(0.5).is_nan());
-    }
-
-    #[test]
-    fn label_lookup() {
-        assert_eq!(label(r#"a="1",le="0.5""#, "le"), Some("0.5"));
-        assert_eq!(label(r#"le="+Inf""#, "le"), Some("+Inf"));
-        assert_eq!(label(r#"a="x""#, "le"), None);
     }
 
     #[test]
