@@ -46,16 +46,7 @@ impl TenantTable {
         rules.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         let implicit = rules.is_empty();
         if implicit {
-            let spec = TenantPolicySpec {
-                tenant: DEFAULT_TENANT.into(),
-                tier: Tier::Standard,
-                weight: None,
-                models: vec![],
-                limits: None,
-                queue: None,
-                slo: None,
-                identity: None,
-            };
+            let spec = TenantPolicySpec::new(DEFAULT_TENANT, Tier::Standard);
             rules.push(spec.validate()?);
         }
         let tenants = rules

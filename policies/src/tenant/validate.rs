@@ -174,6 +174,21 @@ pub struct TenantRules {
 }
 
 impl TenantPolicySpec {
+    /// A policy with only a tenant and a tier: default weight, every model, no limits, queue or SLO overrides, no
+    /// identity.
+    pub fn new(tenant: impl Into<String>, tier: Tier) -> Self {
+        Self {
+            tenant: tenant.into(),
+            tier,
+            weight: None,
+            models: vec![],
+            limits: None,
+            queue: None,
+            slo: None,
+            identity: None,
+        }
+    }
+
     /// Validates into typed rules; the first problem found is returned, naming its field.
     pub fn validate(&self) -> Result<TenantRules, InvalidPolicy> {
         let err = |field: &str, value: &dyn std::fmt::Display, reason: &str| InvalidPolicy {
@@ -368,16 +383,7 @@ mod tests {
     use crate::tenant::{ApiKeySpec, IdentitySpec, QueueSpec};
 
     fn spec(tenant: &str) -> TenantPolicySpec {
-        TenantPolicySpec {
-            tenant: tenant.into(),
-            tier: Tier::Standard,
-            weight: None,
-            models: vec![],
-            limits: None,
-            queue: None,
-            slo: None,
-            identity: None,
-        }
+        TenantPolicySpec::new(tenant, Tier::Standard)
     }
 
     #[test]
