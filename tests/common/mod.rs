@@ -283,6 +283,12 @@ impl Weir {
         self.child.id()
     }
 
+    /// SIGKILL (no shutdown code runs), then reap.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+
     /// Send SIGTERM (graceful shutdown).
     pub fn terminate(&self) {
         let st = Command::new("kill")
