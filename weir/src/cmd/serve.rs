@@ -275,6 +275,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         let registry = prometheus_client::registry::Registry::default();
         let state = router::start(&config, discovery, registry, now.as_secs(), seed)?;
+        if let (Some(ns), Some(adm)) = (&config.admission.watch_namespace, &state.admission) {
+            // TenantPolicy objects in the cluster replace the config's tenants once listed.
+            let client = kubernetes_client(&args).await?;
+            let ns = (!ns.is_empty()).then(|| ns.clone());
+            tokio::spawn(admission::PolicyWatcher::new(client, ns, adm.clone()).run());
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
