@@ -259,3 +259,201 @@ async fn serve_answers_the_custom_metrics_api_over_https_with_each_pods_own_valu
         h.abort();
     }
 }
+
+/// A KEDA trigger's metadata.
+fn trigger(kv: &[(&str, &str)]) -> metrics_adapter::keda::proto::ScaledObjectRef {
+    metrics_adapter::keda::proto::ScaledObjectRef {
+        name: "llama".into(),
+        namespace: "default".into(),
+        scaler_metadata: kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn keda_external_scaler_answers_over_grpc_from_the_routers_samples() {
+    use metrics_adapter::keda::proto::GetMetricsRequest;
+    use metrics_adapter::keda::proto::external_scaler_client::ExternalScalerClient;
+
+    // One slow pod with 41 KV blocks: two 200-word prompts fill it, so further requests wait in its engine queue.
+    let fleet = Weir::fleet(1, "0.05", &["--num-gpu-blocks", "41"]).await;
+    let urls = fleet.urls();
+    let router = Weir::serve(&[
+        "--backend",
+        &format!("{MODEL}={}", urls[0]),
+        "--scrape-interval",
+        "50ms",
+        "--keda-scaler-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let addr = router.json()["keda_scaler"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no keda_scaler in {}", router.json()))
+        .to_string();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut keda = ExternalScalerClient::new(channel);
+    let meta = [
+        ("scalerAddress", addr.as_str()),
+        ("pool", MODEL),
+        ("metric", "num_requests_waiting"),
+        ("targetValue", "2"),
+        ("activationTargetValue", "0"),
+    ];
+
+    // The spec: the metric's full name and the per-replica target in both fields.
+    let spec = keda
+        .get_metric_spec(trigger(&meta))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spec.metric_specs.len(), 1, "{spec:?}");
+    let s = &spec.metric_specs[0];
+    assert_eq!(
+        (s.metric_name.as_str(), s.target_size, s.target_size_float),
+        ("weir_num_requests_waiting", 2, 2.0)
+    );
+    // Bad metadata is INVALID_ARGUMENT; StreamMetricSpec is UNIMPLEMENTED (allowed: KEDA keeps polling the spec).
+    let e = keda
+        .is_active(trigger(&[("metric", "nope")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = keda.get_metric_spec(trigger(&[])).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = keda.stream_metric_spec(trigger(&meta)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+
+    // Idle: inactive, 0. The push stream opens with the current state.
+    eventually(
+        Duration::from_secs(10),
+        "the pod scraped and idle",
+        async || {
+            !keda
+                .clone()
+                .is_active(trigger(&meta))
+                .await
+                .unwrap()
+                .into_inner()
+                .result
+        },
+    )
+    .await;
+    let mut stream = keda
+        .stream_is_active(trigger(&meta))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream's first state")
+        .unwrap()
+        .unwrap();
+    assert!(!first.result);
+    let idle = keda
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(trigger(&meta)),
+            metric_name: "weir_num_requests_waiting".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(idle.metric_values.len(), 1, "{idle:?}");
+    assert_eq!(
+        (
+            idle.metric_values[0].metric_value,
+            idle.metric_values[0].metric_value_float
+        ),
+        (0, 0.0)
+    );
+
+    // Four long requests: two run, two wait in the engine.
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let body = json!({"model": MODEL, "prompt": format!("{i} {}", "hello ".repeat(200)),
+            "max_tokens": 300, "ignore_eos": true, "stream": true});
+        let req = client()
+            .post(format!("{}/v1/completions", router.url()))
+            .json(&body)
+            .send();
+        held.push(tokio::spawn(async move {
+            let mut r = req.await.unwrap();
+            while let Ok(Some(_)) = r.chunk().await {}
+        }));
+    }
+    // The push arrives within 1 s of the pod's queue filling (timed from when this test first sees it on the pod's own
+    // /metrics, at most one 20 ms poll after it happened).
+    let own_waiting = async || metric(&scrape(&urls[0]).await, "vllm:num_requests_waiting");
+    eventually(
+        Duration::from_secs(20),
+        "requests waiting in the pod",
+        async || own_waiting().await > 0.0,
+    )
+    .await;
+    let queued_at = tokio::time::Instant::now();
+    let pushed = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a StreamIsActive push after the queue filled")
+        .unwrap()
+        .unwrap();
+    let after = queued_at.elapsed();
+    assert!(pushed.result, "{pushed:?}");
+    assert!(
+        after <= Duration::from_secs(1),
+        "the push came {after:?} after the queue filled"
+    );
+    assert!(
+        keda.is_active(trigger(&meta))
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+    );
+
+    // GetMetrics is the pod's own queue (read before and after, equal), in both fields.
+    let mut got = None;
+    eventually(
+        Duration::from_secs(20),
+        "GetMetrics equal to the pod's own queue",
+        async || {
+            let before = own_waiting().await;
+            let m = keda
+                .get_metrics(GetMetricsRequest {
+                    scaled_object_ref: Some(trigger(&meta)),
+                    metric_name: "weir_num_requests_waiting".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let after = own_waiting().await;
+            let v = &m.metric_values[0];
+            let ok = before == after
+                && before > 0.0
+                && v.metric_value_float == before
+                && v.metric_value as f64 == before;
+            if ok {
+                got = Some(v.clone());
+            }
+            ok
+        },
+    )
+    .await;
+    assert_eq!(got.unwrap().metric_name, "weir_num_requests_waiting");
+
+    // The requests gone (client disconnects cancel them), the queue empties and the stream says so.
+    for h in held {
+        h.abort();
+    }
+    let back = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("an inactive push after the queue drained")
+        .unwrap()
+        .unwrap();
+    assert!(!back.result);
+}

@@ -5,7 +5,9 @@
 //!   no second scrape);
 //! - `weir metrics-adapter --router URL..` serves it standalone, reading router replicas' `GET /debug/pods`.
 //!
-//! Either way it is HTTPS ([`super::tls`]): a given PEM certificate and key, or a self-signed one made at start.
+//! Either way the metrics APIs are HTTPS ([`super::tls`]): a given PEM certificate and key, or a self-signed one made
+//! at start. `--keda-scaler-listen` adds KEDA's external scaler ([`metrics_adapter::keda`], plaintext gRPC) on its
+//! own listener, over the same samples.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,6 +42,29 @@ pub struct AdapterArgs {
     /// The namespace the pods live in: other namespaces then have no pods (default: every namespace sees them).
     #[arg(long, requires = "metrics_adapter_listen", value_name = "NS")]
     pub metrics_adapter_namespace: Option<String>,
+    /// Serve KEDA's external scaler (gRPC: IsActive, StreamIsActive, GetMetricSpec, GetMetrics) on this address,
+    /// from this router's live pod samples (trigger metadata: see `metrics_adapter::keda`).
+    #[arg(long, value_name = "ADDR")]
+    pub keda_scaler_listen: Option<String>,
+}
+
+/// How often an open `StreamIsActive` re-reads the samples: a queue filling at zero reaches KEDA within this.
+const KEDA_POLL: Duration = Duration::from_millis(200);
+
+/// Binds `listen` and serves KEDA's external scaler over `source` in a background task; the bound address.
+async fn serve_keda(listen: &str, source: Arc<dyn Source>) -> anyhow::Result<std::net::SocketAddr> {
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the KEDA scaler on {listen}"))?;
+    let addr = tcp.local_addr()?;
+    let scaler = metrics_adapter::keda::Scaler::new(source, KEDA_POLL);
+    tokio::spawn(async move {
+        if let Err(e) = metrics_adapter::keda::serve(tcp, scaler, std::future::pending()).await {
+            tracing::error!(error = %e, "KEDA scaler stopped");
+        }
+    });
+    tracing::info!(%addr, "KEDA external scaler listening (grpc)");
+    Ok(addr)
 }
 
 /// The names a self-signed certificate is made for: the listen host plus the loopback names.
@@ -105,21 +130,25 @@ async fn serve_https(
     Ok(addr)
 }
 
-/// Starts what `args` asks for beside the router `router` (nothing without `--metrics-adapter-listen`); the fields
-/// to add to the command's first stdout line (`"metrics_adapter": "https://127.0.0.1:PORT"`).
+/// Starts what `args` asks for beside the router `router`; the fields to add to the command's first stdout line
+/// (`"metrics_adapter": "https://127.0.0.1:PORT"`, `"keda_scaler": "127.0.0.1:PORT"`), none when nothing is asked.
 pub async fn start(
     args: &AdapterArgs,
     router: &router::shared::AppState,
     config: &router::config::Config,
 ) -> anyhow::Result<Map<String, Value>> {
     let mut out = Map::new();
+    let pods = router::pods::PodsHandle::from_state(router);
+    let source: Arc<dyn Source> = Arc::new(RouterSource::new(RouterFeed::InProcess(Arc::new(
+        move || pods.samples(),
+    ))));
+    if let Some(listen) = &args.keda_scaler_listen {
+        let addr = serve_keda(listen, source.clone()).await?;
+        out.insert("keda_scaler".into(), addr.to_string().into());
+    }
     let Some(listen) = &args.metrics_adapter_listen else {
         return Ok(out);
     };
-    let pods = router::pods::PodsHandle::from_state(router);
-    let source = Arc::new(RouterSource::new(RouterFeed::InProcess(Arc::new(
-        move || pods.samples(),
-    ))));
     let state = adapter_state(
         source,
         args.metrics_adapter_external,
@@ -165,6 +194,9 @@ pub struct MetricsAdapterArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Also serve KEDA's external scaler (gRPC) on this address.
+    #[arg(long, value_name = "ADDR")]
+    keda_scaler_listen: Option<String>,
 }
 
 /// `weir metrics-adapter`: prints `{"listen":"https://ADDR"}` once bound, serves until SIGTERM or Ctrl-C.
@@ -177,18 +209,24 @@ pub fn run(args: MetricsAdapterArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(async move {
-        let source = RouterSource::new(RouterFeed::Replicas {
+        let source: Arc<dyn Source> = Arc::new(RouterSource::new(RouterFeed::Replicas {
             urls: args.routers.clone(),
             client: reqwest::Client::new(),
             timeout,
             ttl,
-        });
-        let state = adapter_state(Arc::new(source), args.external, args.namespace.clone(), ttl);
+        }));
+        let mut line = Map::new();
+        if let Some(listen) = &args.keda_scaler_listen {
+            let addr = serve_keda(listen, source.clone()).await?;
+            line.insert("keda_scaler".into(), addr.to_string().into());
+        }
+        let state = adapter_state(source, args.external, args.namespace.clone(), ttl);
         let addr = serve_https(&args.listen, tls, state).await?;
         tracing::info!(%addr, routers = ?args.routers, external = args.external, "weir metrics-adapter listening");
+        line.insert("listen".into(), format!("https://{addr}").into());
         {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{}", serde_json::json!({"listen": format!("https://{addr}")}))?;
+            writeln!(out, "{}", Value::Object(line))?;
             out.flush()?;
         }
         super::serve::shutdown_signal().await;
