@@ -457,3 +457,43 @@ async fn keda_external_scaler_answers_over_grpc_from_the_routers_samples() {
         .unwrap();
     assert!(!back.result);
 }
+
+#[tokio::test]
+async fn serve_presents_the_given_certificate() {
+    // A CA-less self-signed pair written as PEM files, as cert-manager's Secret would mount them.
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("weir-adapter-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&crt, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let router = Weir::serve(&[
+        "--backend",
+        &format!("{MODEL}=http://127.0.0.1:9"),
+        "--metrics-adapter-listen",
+        "127.0.0.1:0",
+        "--metrics-adapter-tls-cert",
+        crt.to_str().unwrap(),
+        "--metrics-adapter-tls-key",
+        key.to_str().unwrap(),
+    ])
+    .await;
+    let adapter = router.json()["metrics_adapter"].as_str().unwrap();
+    let url = format!("{}/{V2}", adapter.replacen("127.0.0.1", "localhost", 1));
+    // Trusting that certificate (and nothing else), the chain and name verify.
+    let trusting = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let (status, disc) = get_json(&trusting, &url).await;
+    assert_eq!(status, 200, "{disc}");
+    assert_eq!(disc["groupVersion"], "custom.metrics.k8s.io/v1beta2");
+    // Without it, verification fails: the adapter really presents that certificate.
+    let other = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .build()
+        .unwrap();
+    assert!(other.get(&url).send().await.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
