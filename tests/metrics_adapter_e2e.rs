@@ -226,6 +226,24 @@ async fn serve_answers_the_custom_metrics_api_over_https_with_each_pods_own_valu
     assert_eq!(desired, (mean / 50.0 * 2.0).ceil() as u32, "{served:?}");
     assert!(desired > 2, "{served:?}: expected a scale-up");
 
+    // Per pool object (the router pool is the InferencePool): one item, the pods' total of running requests.
+    let pool = MODEL.replace('/', "%2F");
+    let (status, obj) = get_json(
+        &c,
+        &format!(
+            "{adapter}/{V2}/namespaces/default/inferencepools.inference.networking.k8s.io/{pool}/weir_num_requests_running"
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{obj}");
+    let items = obj["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{obj}");
+    assert_eq!(
+        items[0]["describedObject"]["kind"], "InferencePool",
+        "{obj}"
+    );
+    assert_eq!(items[0]["value"], "2", "{obj}");
+
     // The router's own in-flight count, per namespace: both requests.
     let (_, ns) = get_json(
         &c,
