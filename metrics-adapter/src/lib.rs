@@ -1,7 +1,7 @@
 //! weir's metrics adapter: serves what Kubernetes autoscalers cannot see on their own — KV-cache pressure, engine
 //! queues, in-flight and queued prompt tokens per pod and per pool (model × role × GPU) — to the HPA through
 //! `custom.metrics.k8s.io` (v1beta2 and v1beta1, on by default) and, opt-in, `external.metrics.k8s.io`, plus a JSON
-//! endpoint for KEDA's `metrics-api` scaler and the dashboard.
+//! endpoint for KEDA's `metrics-api` scaler and the dashboard, and KEDA's external scaler over gRPC ([`keda`]).
 //!
 //! Seams: a [`source::Source`] yields per-pod values of one [`catalog::Metric`] (the router's live snapshot, in
 //! process or from router replicas' `GET /debug/pods`); [`api::app`] renders them in the wire shapes of
@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod keda;
 pub mod quantity;
 pub mod selector;
 pub mod source;

@@ -62,6 +62,9 @@ enum Command {
     /// Replay a trace through an elastic simulated fleet under each scaling policy (static peak, HPA, KEDA, weir,
     /// oracle) and compare cost and SLO attainment; `--what-if` names the cheapest GPU mix.
     Plan(cmd::plan::PlanArgs),
+    /// Serve KV-cache and queue metrics to the HPA (custom/external metrics APIs) from router replicas'
+    /// `GET /debug/pods` (`weir serve --metrics-adapter-listen` serves the same from inside the router).
+    MetricsAdapter(cmd::metrics_adapter::MetricsAdapterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Command::Replay(args) => cmd::replay::run(args),
         Command::Crdgen(args) => cmd::crdgen::run(args),
         Command::Plan(args) => cmd::plan::run(args),
+        Command::MetricsAdapter(args) => cmd::metrics_adapter::run(args),
     };
     telemetry.shutdown();
     result

@@ -32,6 +32,9 @@ pub struct DemoArgs {
     /// Seed for the pods' jitter and the router's picks and request ids (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
+    /// The metrics adapter beside the router (`--metrics-adapter-*`).
+    #[command(flatten)]
+    adapter: super::metrics_adapter::AdapterArgs,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -107,6 +110,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     discovery.add_static(&config);
     let registry = prometheus_client::registry::Registry::default();
     let state = router::start(&config, discovery, registry, now.as_secs(), seed)?;
+    let adapter = super::metrics_adapter::start(&args.adapter, &state, &config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {} (pick another with --listen)", config.listen))?;
@@ -116,6 +120,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
         &pods,
         models.first().copied().unwrap_or("model"),
         &args,
+        adapter,
     )?;
 
     router::app::serve(
@@ -137,14 +142,18 @@ fn print_banner(
     pods: &[PodEndpoint],
     model: &str,
     args: &DemoArgs,
+    mut first: serde_json::Map<String, serde_json::Value>,
 ) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    // First line: machine-readable, like `weir serve` and `weir sim` (tests and scripts read it).
-    writeln!(
-        out,
-        "{}",
-        serde_json::json!({"listen": format!("http://{addr}"), "pods": pods})
-    )?;
+    // First line: machine-readable, like `weir serve` and `weir sim` (tests and scripts read it); the adapter's
+    // address too when it is on.
+    let adapter = first
+        .get("metrics_adapter")
+        .and_then(|a| a.as_str())
+        .map(str::to_string);
+    first.insert("listen".into(), format!("http://{addr}").into());
+    first.insert("pods".into(), serde_json::to_value(pods)?);
+    writeln!(out, "{}", serde_json::Value::Object(first))?;
     writeln!(
         out,
         "weir demo: router on http://{addr} (policy {}) in front of {} simulated pods:",
@@ -169,6 +178,13 @@ fn print_banner(
     writeln!(out, "  curl -s http://{addr}/v1/models")?;
     writeln!(out, "  curl -s http://{addr}/metrics | grep ^weir_")?;
     writeln!(out, "  curl -s http://{addr}/debug/routes")?;
+    if let Some(a) = adapter {
+        writeln!(
+            out,
+            "  curl -sk '{a}/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/*/weir_kv_cache_utilization'"
+        )?;
+        writeln!(out, "  curl -sk {a}/metrics-api/pools")?;
+    }
     writeln!(
         out,
         "  cargo run --release -p weir -- bench --url http://{addr} --workload shared-prefix --concurrency 32 --duration 30s"

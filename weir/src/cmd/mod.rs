@@ -4,10 +4,12 @@ pub mod bench;
 pub mod calibrate;
 pub mod crdgen;
 pub mod demo;
+pub mod metrics_adapter;
 pub mod plan;
 pub mod replay;
 pub mod serve;
 pub mod sim;
+pub mod tls;
 
 /// Raise the open-files soft limit to the hard limit: a router holds two sockets per proxied stream (client and
 /// upstream) and a load generator or simulated pod one per connection, so the usual soft limit of 1,024 would refuse

@@ -87,6 +87,9 @@ pub struct ServeArgs {
     /// Worker threads (default: number of cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// The metrics adapter beside the router (`--metrics-adapter-*`).
+    #[command(flatten)]
+    adapter: super::metrics_adapter::AdapterArgs,
 }
 
 pub(crate) fn raw_policy(name: &str) -> anyhow::Result<RawPolicy> {
@@ -281,6 +284,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let ns = (!ns.is_empty()).then(|| ns.clone());
             tokio::spawn(admission::PolicyWatcher::new(client, ns, adm.clone()).run());
         }
+        let mut start_line = super::metrics_adapter::start(&args.adapter, &state, &config).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -288,7 +292,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, seed, pools = config.pools.len(), routes = config.routes.len(), "weir serve listening");
         {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{}", serde_json::json!({"listen": format!("http://{addr}")}))?;
+            start_line.insert("listen".into(), format!("http://{addr}").into());
+            writeln!(out, "{}", serde_json::Value::Object(start_line))?;
             out.flush()?;
         }
         router::app::serve(listener, state, shutdown_signal(), config.drain_timeout).await?;

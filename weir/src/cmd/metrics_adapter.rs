@@ -1,0 +1,257 @@
+//! The metrics adapter in the `weir` binary (the API itself is the `metrics-adapter` crate):
+//!
+//! - `weir serve` / `weir demo` with `--metrics-adapter-listen` serve it from the router's own live samples
+//!   ([`router::pods::PodsHandle`]: the scraper's numbers and the router's in-flight counts as the picker sees them,
+//!   no second scrape);
+//! - `weir metrics-adapter --router URL..` serves it standalone, reading router replicas' `GET /debug/pods`.
+//!
+//! Either way the metrics APIs are HTTPS ([`super::tls`]): a given PEM certificate and key, or a self-signed one made
+//! at start. `--keda-scaler-listen` adds KEDA's external scaler ([`metrics_adapter::keda`], plaintext gRPC) on its
+//! own listener, over the same samples.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use metrics_adapter::api::{AdapterConfig, AdapterState};
+use metrics_adapter::source::{RouterFeed, RouterSource, Source};
+use serde_json::{Map, Value};
+
+use super::tls::{CertSource, TlsListener};
+
+/// Flags that turn the adapter on inside `weir serve` and `weir demo`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AdapterArgs {
+    /// Serve the metrics adapter (custom.metrics.k8s.io v1beta2/v1beta1 and `/metrics-api/pools`) over HTTPS on
+    /// this address, from this router's live pod samples (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_adapter_listen: Option<String>,
+    /// Also serve external.metrics.k8s.io/v1beta1 (only one backend may own it per cluster).
+    #[arg(long, requires = "metrics_adapter_listen")]
+    pub metrics_adapter_external: bool,
+    /// PEM certificate chain for the adapter's HTTPS (with --metrics-adapter-tls-key); without it a self-signed
+    /// certificate is made at start.
+    #[arg(long, requires_all = ["metrics_adapter_listen", "metrics_adapter_tls_key"], value_name = "FILE")]
+    pub metrics_adapter_tls_cert: Option<PathBuf>,
+    /// PEM private key of --metrics-adapter-tls-cert.
+    #[arg(long, requires = "metrics_adapter_tls_cert", value_name = "FILE")]
+    pub metrics_adapter_tls_key: Option<PathBuf>,
+    /// The namespace the pods live in: other namespaces then have no pods (default: every namespace sees them).
+    #[arg(long, requires = "metrics_adapter_listen", value_name = "NS")]
+    pub metrics_adapter_namespace: Option<String>,
+    /// Serve KEDA's external scaler (gRPC: IsActive, StreamIsActive, GetMetricSpec, GetMetrics) on this address,
+    /// from this router's live pod samples (trigger metadata: see `metrics_adapter::keda`).
+    #[arg(long, value_name = "ADDR")]
+    pub keda_scaler_listen: Option<String>,
+}
+
+/// How often an open `StreamIsActive` re-reads the samples: a queue filling at zero reaches KEDA within this.
+const KEDA_POLL: Duration = Duration::from_millis(200);
+
+/// Binds `listen` and serves KEDA's external scaler over `source` in a background task; the bound address.
+async fn serve_keda(listen: &str, source: Arc<dyn Source>) -> anyhow::Result<std::net::SocketAddr> {
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the KEDA scaler on {listen}"))?;
+    let addr = tcp.local_addr()?;
+    let scaler = metrics_adapter::keda::Scaler::new(source, KEDA_POLL);
+    tokio::spawn(async move {
+        if let Err(e) = metrics_adapter::keda::serve(tcp, scaler, std::future::pending()).await {
+            tracing::error!(error = %e, "KEDA scaler stopped");
+        }
+    });
+    tracing::info!(%addr, "KEDA external scaler listening (grpc)");
+    Ok(addr)
+}
+
+/// The names a self-signed certificate is made for: the listen host plus the loopback names.
+fn self_signed_names(listen: &str) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if let Some((host, _)) = listen.rsplit_once(':') {
+        let host = host.trim_matches(['[', ']']);
+        if !host.is_empty() && host != "0.0.0.0" && host != "::" && !names.iter().any(|n| n == host)
+        {
+            names.push(host.to_string());
+        }
+    }
+    names
+}
+
+/// The rustls config from a cert/key pair, or self-signed for `listen`.
+fn tls_config(
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+    listen: &str,
+) -> anyhow::Result<rustls::ServerConfig> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => super::tls::server_config(CertSource::Files { cert, key }),
+        _ => super::tls::server_config(CertSource::SelfSigned(self_signed_names(listen))),
+    }
+}
+
+/// The adapter's state over `source`, with the wall clock for timestamps.
+fn adapter_state(
+    source: Arc<dyn Source>,
+    external: bool,
+    namespace: Option<String>,
+    window: Duration,
+) -> Arc<AdapterState> {
+    Arc::new(AdapterState {
+        source,
+        config: AdapterConfig {
+            external,
+            namespace,
+            // The span one value summarizes: the scrape interval, in whole seconds (at least 1).
+            window_seconds: window.as_secs_f64().ceil().max(1.0) as u64,
+        },
+        clock: Arc::new(|| super::serve::wall_clock().as_secs()),
+    })
+}
+
+/// Binds `listen` and serves the adapter over HTTPS in a background task; the bound address.
+async fn serve_https(
+    listen: &str,
+    tls: rustls::ServerConfig,
+    state: Arc<AdapterState>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the metrics adapter on {listen}"))?;
+    let listener = TlsListener::new(tcp, tls)?;
+    let addr = axum::serve::Listener::local_addr(&listener)?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, metrics_adapter::api::app(state)).await {
+            tracing::error!(error = %e, "metrics adapter stopped");
+        }
+    });
+    Ok(addr)
+}
+
+/// Starts what `args` asks for beside the router `router`; the fields to add to the command's first stdout line
+/// (`"metrics_adapter": "https://127.0.0.1:PORT"`, `"keda_scaler": "127.0.0.1:PORT"`), none when nothing is asked.
+pub async fn start(
+    args: &AdapterArgs,
+    router: &router::shared::AppState,
+    config: &router::config::Config,
+) -> anyhow::Result<Map<String, Value>> {
+    let mut out = Map::new();
+    let pods = router::pods::PodsHandle::from_state(router);
+    let source: Arc<dyn Source> = Arc::new(RouterSource::new(RouterFeed::InProcess(Arc::new(
+        move || pods.samples(),
+    ))));
+    if let Some(listen) = &args.keda_scaler_listen {
+        let addr = serve_keda(listen, source.clone()).await?;
+        out.insert("keda_scaler".into(), addr.to_string().into());
+    }
+    let Some(listen) = &args.metrics_adapter_listen else {
+        return Ok(out);
+    };
+    let state = adapter_state(
+        source,
+        args.metrics_adapter_external,
+        args.metrics_adapter_namespace.clone(),
+        config.scrape.interval,
+    );
+    let tls = tls_config(
+        args.metrics_adapter_tls_cert.as_ref(),
+        args.metrics_adapter_tls_key.as_ref(),
+        listen,
+    )?;
+    let addr = serve_https(listen, tls, state).await?;
+    tracing::info!(%addr, external = args.metrics_adapter_external, "metrics adapter listening (https)");
+    out.insert("metrics_adapter".into(), format!("https://{addr}").into());
+    Ok(out)
+}
+
+/// Flags of `weir metrics-adapter`.
+#[derive(Args, Debug)]
+pub struct MetricsAdapterArgs {
+    /// A router replica's base URL (`http://weir-router-0.weir:8080`). Repeatable; the replicas' views are merged.
+    #[arg(long = "router", required = true)]
+    routers: Vec<String>,
+    /// HTTPS listen address for the metrics APIs (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: String,
+    /// Also serve external.metrics.k8s.io/v1beta1 (only one backend may own it per cluster).
+    #[arg(long)]
+    external: bool,
+    /// The namespace the routers' pods live in (other namespaces then have no pods).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// How long one read of the replicas is reused (KEDA and the HPA poll the same snapshot); also the reported
+    /// window.
+    #[arg(long, default_value = "1s")]
+    cache_ttl: String,
+    /// Per-replica request timeout.
+    #[arg(long, default_value = "2s")]
+    timeout: String,
+    /// PEM certificate chain (with --tls-key); without it a self-signed certificate is made at start.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Also serve KEDA's external scaler (gRPC) on this address.
+    #[arg(long, value_name = "ADDR")]
+    keda_scaler_listen: Option<String>,
+}
+
+/// `weir metrics-adapter`: prints `{"listen":"https://ADDR"}` once bound, serves until SIGTERM or Ctrl-C.
+pub fn run(args: MetricsAdapterArgs) -> anyhow::Result<()> {
+    let ttl = router::config::parse_duration("--cache-ttl", &args.cache_ttl)?;
+    let timeout = router::config::parse_duration("--timeout", &args.timeout)?;
+    let tls = tls_config(args.tls_cert.as_ref(), args.tls_key.as_ref(), &args.listen)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let source: Arc<dyn Source> = Arc::new(RouterSource::new(RouterFeed::Replicas {
+            urls: args.routers.clone(),
+            client: reqwest::Client::new(),
+            timeout,
+            ttl,
+        }));
+        let mut line = Map::new();
+        if let Some(listen) = &args.keda_scaler_listen {
+            let addr = serve_keda(listen, source.clone()).await?;
+            line.insert("keda_scaler".into(), addr.to_string().into());
+        }
+        let state = adapter_state(source, args.external, args.namespace.clone(), ttl);
+        let addr = serve_https(&args.listen, tls, state).await?;
+        tracing::info!(%addr, routers = ?args.routers, external = args.external, "weir metrics-adapter listening");
+        line.insert("listen".into(), format!("https://{addr}").into());
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", Value::Object(line))?;
+            out.flush()?;
+        }
+        super::serve::shutdown_signal().await;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_names_cover_loopback_and_the_listen_host() {
+        assert_eq!(self_signed_names("127.0.0.1:0"), ["localhost", "127.0.0.1"]);
+        assert_eq!(
+            self_signed_names("0.0.0.0:6443"),
+            ["localhost", "127.0.0.1"]
+        );
+        assert_eq!(
+            self_signed_names("10.0.0.7:6443"),
+            ["localhost", "127.0.0.1", "10.0.0.7"]
+        );
+        assert_eq!(
+            self_signed_names("[::1]:6443"),
+            ["localhost", "127.0.0.1", "::1"]
+        );
+    }
+}
