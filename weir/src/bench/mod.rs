@@ -304,8 +304,9 @@ pub async fn run_tenants(plan: TenantsPlan) -> qos::QosReport {
         let Some(preset) = t.preset() else {
             continue; // validated before: every tenant has a preset
         };
-        // Each tenant draws from its own seeded stream, so adding a tenant does not change the others' requests.
-        let seed = plan.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // Each tenant draws from its own stream, seeded by its name: adding, removing or reordering tenants
+        // (`--only-tiers interactive` for the baseline) leaves every other tenant's requests and times unchanged.
+        let seed = plan.seed ^ tenants::name_seed(&t.name);
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut target = plan.target.clone();
         target.stream = t.stream;

@@ -202,6 +202,14 @@ pub fn qos_preset(capacity: f64) -> Vec<TenantLoad> {
     ]
 }
 
+/// A seed from a tenant's name, the same on every build and platform: 64-bit FNV-1a, written out (five lines)
+/// because std's `DefaultHasher` may change between Rust releases and a run must stay reproducible.
+pub fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Only the tenants of these tiers (`--only-tiers interactive`: the interactive tenants alone, the baseline).
 pub fn only_tiers(tenants: Vec<TenantLoad>, tiers: &[Tier]) -> Vec<TenantLoad> {
     tenants
@@ -334,6 +342,18 @@ mod tests {
         assert!((small[4].rate.unwrap() - 10.0 / 3.0).abs() < 1e-12);
         let alone = only_tiers(p, &[Tier::Interactive]);
         assert_eq!(alone.len(), 2);
+    }
+
+    #[test]
+    fn name_seeds_are_fnv1a_and_distinct() {
+        // FNV-1a 64 reference values.
+        assert_eq!(name_seed(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(name_seed("a"), 0xaf63_dc4c_8601_ec8c);
+        let p = qos_preset(1.0);
+        let mut seeds: Vec<u64> = p.iter().map(|t| name_seed(&t.name)).collect();
+        seeds.sort_unstable();
+        seeds.dedup();
+        assert_eq!(seeds.len(), p.len());
     }
 
     #[test]

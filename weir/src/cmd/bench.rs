@@ -134,11 +134,11 @@ pub struct BenchArgs {
     no_progress: bool,
     /// Multi-tenant load from a file (YAML or JSON): per tenant its API key, tier, weight, workload, rate or
     /// concurrency, stream; see `weir/src/bench/tenants.rs`. Reports per tenant and per tier.
-    #[arg(long, conflicts_with_all = ["trace", "rate", "concurrency", "preset", "api_key"])]
+    #[arg(long, conflicts_with_all = ["trace", "rate", "concurrency", "preset"])]
     tenants: Option<std::path::PathBuf>,
     /// A built-in multi-tenant load: `qos` (2 interactive and 2 standard tenants at a steady rate, 3 batch tenants
     /// flooding at 10x --capacity; keys `sk-weir-bench-<tenant>`).
-    #[arg(long, value_enum, conflicts_with_all = ["trace", "rate", "concurrency", "api_key"])]
+    #[arg(long, value_enum, conflicts_with_all = ["trace", "rate", "concurrency"])]
     preset: Option<TenantsPreset>,
     /// For --preset qos: batch-workload requests per second the fleet completes at saturation (default: 52, the
     /// simulated 8xH100 Llama-3.1-8B fleet, measured with `weir replay`).
@@ -472,6 +472,15 @@ async fn run_tenants(a: BenchArgs) -> anyhow::Result<()> {
     };
     if a.requests.is_some() {
         bail!("--requests does not apply to --tenants/--preset (give --duration)");
+    }
+    if a.no_stream {
+        bail!("--no-stream does not apply to --tenants/--preset (set `stream: false` per tenant)");
+    }
+    if a.slo_ttft_ms.is_some() || a.slo_itl_ms.is_some() {
+        bail!("--slo-ttft-ms/--slo-itl-ms do not apply to --tenants/--preset");
+    }
+    if a.api_key.is_some() {
+        tracing::info!("--api-key / OPENAI_API_KEY not sent: each tenant sends its own key");
     }
     let headers = a
         .headers
