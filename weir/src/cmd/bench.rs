@@ -558,6 +558,50 @@ mod tests {
         assert!(parse_duration("99999999999999999999999s").is_err());
     }
 
+    fn args(argv: &[&str]) -> Result<BenchArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: BenchArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("bench").chain(argv.iter().copied()))
+            .map(|c| c.a)
+    }
+
+    #[test]
+    fn qos_preset_scales_and_narrows_to_tiers() {
+        let all = tenant_loads(&args(&["--preset", "qos"]).unwrap()).unwrap();
+        assert_eq!(all, tenants::qos_preset(tenants::QOS_CAPACITY_8XH100_8B));
+        let some = tenant_loads(
+            &args(&[
+                "--preset",
+                "qos",
+                "--capacity",
+                "5",
+                "--only-tiers",
+                "interactive,batch",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(some.len(), 5);
+        assert!(some.iter().all(|t| t.tier != Tier::Standard));
+        assert_eq!(some[0].rate, Some(0.5));
+        let bad =
+            tenant_loads(&args(&["--preset", "qos", "--only-tiers", "gold"]).unwrap()).unwrap_err();
+        assert!(bad.to_string().contains("unknown tier \"gold\""), "{bad}");
+        let bad =
+            tenant_loads(&args(&["--preset", "qos", "--capacity", "0"]).unwrap()).unwrap_err();
+        assert!(bad.to_string().contains("--capacity must be > 0"), "{bad}");
+        // Multi-tenant loads exclude the single-tenant load flags.
+        assert!(args(&["--preset", "qos", "--rate", "3"]).is_err());
+        assert!(args(&["--tenants", "f.yaml", "--preset", "qos"]).is_err());
+        assert!(
+            args(&["--capacity", "3"]).is_err(),
+            "--capacity needs --preset"
+        );
+    }
+
     #[test]
     fn headers_parse() {
         let (k, v) = parse_header("X-Return-Error: 503").unwrap();
