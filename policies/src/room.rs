@@ -2,15 +2,22 @@
 //!
 //! Gating dispatch in weir (instead of sending everything and letting vLLM's FIFO queue it) is what makes tier
 //! priorities and fair queuing take effect: a request held here can still be overtaken by a more important one, a
-//! request in vLLM's waiting queue cannot. Per pod (qos-and-security.md §3, routing-and-scheduling.md §4):
+//! request in vLLM's waiting queue cannot. Per pod (qos-and-security.md §3, routing-and-scheduling.md §4), a pod is
+//! **saturated** and has no room when:
 //!
-//! - a pod without fresh metrics, or unavailable (breaker open), has no room: fail closed, as GIE's
-//!   utilization detector does;
-//! - a pod whose KV cache use is at or above `kv_limit` (0.9) has no room: more work would preempt;
-//! - a pod whose prefill backlog (uncached prompt tokens sent and not yet at first token) is at or above
-//!   `max_prefill_tokens` has no room: a new prompt would wait behind it anyway;
-//! - otherwise the room is `max_waiting - waiting`: a short engine queue (2) is kept so the batch stays full between
-//!   scrapes, without a long FIFO that would undo the scheduling.
+//! - it has no fresh metrics, or is unavailable (breaker open): fail closed, as GIE's utilization detector does;
+//! - its KV cache use is at or above `kv_limit` (0.9): more work would preempt;
+//! - its engine queue (scraped `waiting`) is at or above `max_waiting` (2): a new request would wait in vLLM's FIFO,
+//!   where nothing can overtake it;
+//! - its prefill backlog (uncached prompt tokens this router sent that have not reached their first token) is at or
+//!   above `max_prefill_tokens`: a new prompt would wait behind it anyway.
+//!
+//! An unsaturated pod takes up to `burst` requests per room computation (the caller recomputes every few
+//! milliseconds, and every request that ends returns its slot at once), never more than `max_in_flight`
+//! outstanding. Scrapes are up to one interval old, so what bounds a burst between scrapes are the router's own
+//! fresh counts: requests in flight and the prefill backlog, both updated at every pick. A pod whose requests
+//! finish in microseconds (`waiting` 0 at every scrape) is never held back: gating costs nothing until a pod
+//! saturates.
 //!
 //! The pool's room is the sum over its pods. Pure: the caller passes the load snapshot.
 
@@ -19,7 +26,7 @@ use crate::endpoint::EndpointView;
 /// Thresholds of the room function.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoomConfig {
-    /// Engine queue depth allowed per pod (requests waiting in vLLM).
+    /// Engine queue depth (requests waiting in vLLM) at which a pod takes nothing more.
     pub max_waiting: u32,
     /// KV cache use (0..=1) at which a pod takes nothing more.
     pub kv_limit: f64,
@@ -27,6 +34,11 @@ pub struct RoomConfig {
     pub max_prefill_tokens: u64,
     /// Scrapes older than this (milliseconds) are stale.
     pub max_age_ms: u64,
+    /// Requests an unsaturated pod may take per room computation.
+    pub burst: u32,
+    /// Requests outstanding on a pod (the larger of the scrape's running + waiting and this router's in-flight
+    /// count) beyond which it takes nothing more (vLLM's default `max_num_seqs` is 256).
+    pub max_in_flight: u32,
 }
 
 impl Default for RoomConfig {
@@ -36,6 +48,8 @@ impl Default for RoomConfig {
             kv_limit: 0.9,
             max_prefill_tokens: 16_384,
             max_age_ms: 1_000,
+            burst: 8,
+            max_in_flight: 256,
         }
     }
 }
@@ -45,10 +59,10 @@ impl Default for RoomConfig {
 pub struct PodLoad {
     /// Whether the pod may receive requests (breaker closed) and has fresh metrics.
     pub fresh: bool,
-    /// Requests waiting: the larger of the engine's queue and what this router knows it sent beyond the batch.
+    /// Requests waiting in the engine queue (scraped).
     pub waiting: u32,
-    /// Requests running in the engine's batch.
-    pub running: u32,
+    /// Requests outstanding: the larger of the scrape's running + waiting and this router's in-flight count.
+    pub outstanding: u32,
     /// KV cache use, 0..=1.
     pub kv_usage: f64,
     /// Uncached prompt tokens sent and not yet at first token.
@@ -56,38 +70,36 @@ pub struct PodLoad {
 }
 
 impl PodLoad {
-    /// From the router's endpoint view: scraped queue and KV use, the router's own prefill backlog; stale or
-    /// unavailable endpoints are not fresh.
+    /// From the router's endpoint view: scraped queue and KV use, the router's own in-flight count and prefill
+    /// backlog; stale or unavailable endpoints are not fresh.
     pub fn from_view(v: &EndpointView, cfg: &RoomConfig) -> Self {
         match v.scraped {
-            Some(s) if v.available && s.age_ms <= cfg.max_age_ms => {
-                // Requests this router sent since the scrape are not in `waiting` yet: count what exceeds the
-                // scraped total as waiting.
-                let since = u64::from(v.in_flight)
-                    .saturating_sub(u64::from(s.waiting) + u64::from(s.running));
-                Self {
-                    fresh: true,
-                    waiting: s
-                        .waiting
-                        .saturating_add(u32::try_from(since).unwrap_or(u32::MAX)),
-                    running: s.running,
-                    kv_usage: s.kv_usage,
-                    prefill_backlog_tokens: v.prefill_tokens,
-                }
-            }
+            Some(s) if v.available && s.age_ms <= cfg.max_age_ms => Self {
+                fresh: true,
+                waiting: s.waiting,
+                outstanding: u32::try_from(v.outstanding()).unwrap_or(u32::MAX),
+                kv_usage: s.kv_usage,
+                prefill_backlog_tokens: v.prefill_tokens,
+            },
             _ => Self::default(),
         }
     }
 
+    /// Whether the pod takes nothing more now.
+    pub fn saturated(&self, cfg: &RoomConfig) -> bool {
+        !self.fresh
+            || self.kv_usage >= cfg.kv_limit
+            || self.waiting >= cfg.max_waiting
+            || self.prefill_backlog_tokens >= cfg.max_prefill_tokens
+    }
+
     /// Requests this pod may take now.
     pub fn room(&self, cfg: &RoomConfig) -> u32 {
-        if !self.fresh
-            || self.kv_usage >= cfg.kv_limit
-            || self.prefill_backlog_tokens >= cfg.max_prefill_tokens
-        {
+        if self.saturated(cfg) {
             return 0;
         }
-        cfg.max_waiting.saturating_sub(self.waiting)
+        cfg.burst
+            .min(cfg.max_in_flight.saturating_sub(self.outstanding))
     }
 }
 
@@ -106,30 +118,35 @@ mod tests {
         PodLoad {
             fresh: true,
             waiting,
-            running: 8,
+            outstanding: 8 + waiting,
             kv_usage: kv,
             prefill_backlog_tokens: backlog,
         }
     }
 
     #[test]
-    fn room_is_the_free_engine_queue_of_unsaturated_pods() {
+    fn unsaturated_pods_take_a_burst_and_saturated_ones_nothing() {
         let cfg = RoomConfig::default();
-        assert_eq!(pod(0, 0.5, 0).room(&cfg), 2);
-        assert_eq!(pod(1, 0.5, 0).room(&cfg), 1);
-        assert_eq!(pod(5, 0.5, 0).room(&cfg), 0);
+        assert_eq!(pod(0, 0.5, 0).room(&cfg), 8);
+        assert_eq!(pod(1, 0.5, 0).room(&cfg), 8);
+        assert_eq!(pod(2, 0.5, 0).room(&cfg), 0, "engine queue at the limit");
         assert_eq!(pod(0, 0.95, 0).room(&cfg), 0, "KV nearly full");
         assert_eq!(pod(0, 0.5, 20_000).room(&cfg), 0, "prefill backlog");
         assert_eq!(PodLoad::default().room(&cfg), 0, "stale fails closed");
+        let full = PodLoad {
+            outstanding: 252,
+            ..pod(0, 0.1, 0)
+        };
+        assert_eq!(full.room(&cfg), 4, "never past max_in_flight");
         assert_eq!(
             pool_room(&[pod(0, 0.1, 0), pod(1, 0.1, 0), pod(0, 0.99, 0)], &cfg),
-            3
+            16
         );
         assert_eq!(pool_room(&[], &cfg), 0);
     }
 
     #[test]
-    fn views_count_requests_sent_since_the_scrape_as_waiting() {
+    fn views_give_the_scrape_and_the_routers_own_fresh_counts() {
         let cfg = RoomConfig::default();
         let mut v = EndpointView {
             index: 0,
@@ -147,10 +164,14 @@ mod tests {
         };
         let p = PodLoad::from_view(&v, &cfg);
         assert_eq!(
-            (p.waiting, p.running, p.prefill_backlog_tokens),
-            (1, 8, 100)
+            (p.waiting, p.outstanding, p.prefill_backlog_tokens),
+            (0, 9, 100)
         );
-        assert_eq!(p.room(&cfg), 1);
+        assert_eq!(p.room(&cfg), 8);
+        // Sends since the scrape raise the prefill backlog at once: past the limit the pod is held back before
+        // any scrape shows its queue.
+        v.prefill_tokens = 16_384;
+        assert_eq!(PodLoad::from_view(&v, &cfg).room(&cfg), 0);
         v.available = false;
         assert!(!PodLoad::from_view(&v, &cfg).fresh);
         v.available = true;

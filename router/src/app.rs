@@ -3,7 +3,7 @@
 //! [`app`] builds the stack once ([`tower::ServiceBuilder`]): a request-id layer, then [`FrontDoor`], which sends
 //! `/v1/chat/completions` and `/v1/completions` to the phased request path ([`crate::pipeline`]) and everything else
 //! to the axum routes: `GET /v1/models` (aggregated over routes), `GET /health` (503 while draining), `GET /metrics`,
-//! `GET /debug/routes` (routes, weights and shares, pools, endpoint state), `/debug/decisions`, `/debug/prefix`, `GET /debug/pods` (per-pod load samples, [`crate::pods`]).
+//! `GET /debug/routes` (routes, weights and shares, pools, endpoint state), `/debug/decisions`, `/debug/prefix`, `GET /debug/pods` (per-pod load samples, [`crate::pods`]), `GET /v1/usage` (the usage ledger, [`crate::usage`]).
 //! Production connections ([`serve`]) and the handler tests (`app(state).oneshot(req)`) run the same stack. Every
 //! response carries `x-request-id`; every error, wrong paths and methods included, is OpenAI-shaped
 //! ([`crate::error::respond`]).
@@ -153,6 +153,7 @@ fn routes(state: Arc<AppState>) -> Router {
         .route("/debug/decisions/{request_id}", get(crate::decisions::one))
         .route("/debug/prefix", get(crate::decisions::prefix))
         .route("/debug/pods", get(crate::pods::debug_pods))
+        .route("/v1/usage", get(crate::usage::usage))
         .method_not_allowed_fallback(get_only)
         .fallback(not_found)
         .with_state(state)
@@ -338,7 +339,8 @@ mod tests {
             prometheus_client::registry::Registry::default(),
             0,
             1,
-        );
+        )
+        .unwrap();
         let fut = connection(&http1_builder(), stream, app(state), rx);
         let size = std::mem::size_of_val(&fut);
         println!("connection task future: {size} bytes");

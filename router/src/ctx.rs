@@ -26,6 +26,33 @@ pub struct Ctx {
     pub span: tracing::Span,
     /// The routing decision's id, once one was recorded (`/debug/decisions/{id}`).
     pub decision_id: Option<String>,
+    /// The tenant, when admission is on.
+    pub tenant: Option<admission::Identity>,
+    /// Admission's permit while the request is dispatched; settled once with how it ended
+    /// ([`crate::gate::settle`]): at `account`, or when a stream ends.
+    pub permit: Option<admission::Permit>,
+}
+
+impl Ctx {
+    /// A context for a parsed request, before admission.
+    pub fn new(
+        request_id: HeaderValue,
+        headers: HeaderMap,
+        view: View,
+        start: tokio::time::Instant,
+        span: tracing::Span,
+    ) -> Self {
+        Self {
+            request_id,
+            headers,
+            view,
+            start,
+            span,
+            decision_id: None,
+            tenant: None,
+            permit: None,
+        }
+    }
 }
 
 /// What admission grants: the route's metric series and the request counted as active (retry budget base, in-flight

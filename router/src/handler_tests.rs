@@ -18,21 +18,23 @@ use crate::config::RawConfig;
 use crate::discovery::Discovery;
 use crate::shared::AppState;
 
-const OK: u8 = 0;
-const FAIL_503: u8 = 1;
+pub(crate) const OK: u8 = 0;
+pub(crate) const FAIL_503: u8 = 1;
 const HANG: u8 = 2;
 const BREAK: u8 = 3;
-const SLOW: u8 = 4;
+pub(crate) const SLOW: u8 = 4;
 
 /// A fake vLLM server whose behaviour can be switched at run time.
-struct Fake {
-    mode: AtomicU8,
+pub(crate) struct Fake {
+    pub(crate) mode: AtomicU8,
     /// Completion requests received.
-    hits: AtomicUsize,
+    pub(crate) hits: AtomicUsize,
     /// Bodies and traceparent headers received.
-    seen: Mutex<Vec<(serde_json::Value, Option<String>)>>,
+    pub(crate) seen: Mutex<Vec<(serde_json::Value, Option<String>)>>,
     /// Slow streams whose body was dropped before finishing (client cancellation reached the backend).
-    cancelled: AtomicUsize,
+    pub(crate) cancelled: AtomicUsize,
+    /// `vllm:num_requests_waiting` its `/metrics` reports.
+    pub(crate) waiting: AtomicU8,
 }
 
 struct CancelProbe(Arc<Fake>, bool);
@@ -120,16 +122,20 @@ async fn completion(State(f): State<Arc<Fake>>, req: Request<Body>) -> Response 
     }
 }
 
-async fn metrics() -> &'static str {
-    "vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 1\nvllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 2\nvllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.5\nweir_gpu_info{gpu=\"A100-80\"} 1\n"
+async fn metrics(State(f): State<Arc<Fake>>) -> String {
+    let waiting = f.waiting.load(Ordering::SeqCst);
+    format!(
+        "vllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} 1\nvllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} {waiting}\nvllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"m\"}} 0.5\nweir_gpu_info{{gpu=\"A100-80\"}} 1\n"
+    )
 }
 
-async fn fake(mode: u8) -> (Arc<Fake>, String) {
+pub(crate) async fn fake(mode: u8) -> (Arc<Fake>, String) {
     let f = Arc::new(Fake {
         mode: AtomicU8::new(mode),
         hits: AtomicUsize::new(0),
         seen: Mutex::new(vec![]),
         cancelled: AtomicUsize::new(0),
+        waiting: AtomicU8::new(1),
     });
     let r = axum::Router::new()
         .route("/v1/completions", axum::routing::post(completion))
@@ -149,21 +155,24 @@ async fn dead_url() -> String {
     url
 }
 
-fn state(yaml: &str) -> Arc<AppState> {
+pub(crate) fn state(yaml: &str) -> Arc<AppState> {
     let cfg = RawConfig::from_yaml(yaml).unwrap().validate().unwrap();
     let mut d = Discovery::new();
     d.add_static(&cfg);
-    crate::start(&cfg, d, Default::default(), 1_700_000_000, 7)
+    crate::start(&cfg, d, Default::default(), 1_700_000_000, 7).unwrap()
 }
 
-fn post(path: &str, body: &str) -> Request<Body> {
+pub(crate) fn post(path: &str, body: &str) -> Request<Body> {
     Request::post(path)
         .header("content-type", "application/json")
         .body(Body::from(body.to_string()))
         .unwrap()
 }
 
-async fn send(s: &Arc<AppState>, req: Request<Body>) -> (StatusCode, hyper::HeaderMap, String) {
+pub(crate) async fn send(
+    s: &Arc<AppState>,
+    req: Request<Body>,
+) -> (StatusCode, hyper::HeaderMap, String) {
     let r = app(s.clone()).oneshot(req).await.unwrap();
     let (p, b) = r.into_parts();
     let bytes = b.collect().await.unwrap().to_bytes();
@@ -174,12 +183,12 @@ async fn send(s: &Arc<AppState>, req: Request<Body>) -> (StatusCode, hyper::Head
     )
 }
 
-fn err_code(body: &str) -> serde_json::Value {
+pub(crate) fn err_code(body: &str) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(body).unwrap()["error"]["code"].clone()
 }
 
-const PROMPT: &str = r#"{"model":"m","prompt":"hello","max_tokens":3}"#;
-const STREAM: &str = r#"{"model":"m","prompt":"hello","max_tokens":3,"stream":true}"#;
+pub(crate) const PROMPT: &str = r#"{"model":"m","prompt":"hello","max_tokens":3}"#;
+pub(crate) const STREAM: &str = r#"{"model":"m","prompt":"hello","max_tokens":3,"stream":true}"#;
 
 #[tokio::test]
 async fn non_streaming_passes_through_with_request_id_and_traceparent() {
@@ -471,7 +480,7 @@ async fn scraper_fills_endpoint_state() {
                     sc["running"].as_u64(),
                     sc["kv_usage"].as_f64()
                 ),
-                (Some(2), Some(1), Some(0.5))
+                (Some(1), Some(1), Some(0.5))
             );
             break;
         }
@@ -579,7 +588,7 @@ async fn debug_pods_serves_policies_samples_with_gpu_from_config_or_scrape() {
             assert_eq!(by(&b).role, "decode");
             assert_eq!(by(&a).pod, by(&a).id, "static endpoints keep host:port");
             let sc = by(&a).scraped.unwrap();
-            assert_eq!((sc.waiting, sc.running, sc.kv_usage), (2, 1, 0.5));
+            assert_eq!((sc.waiting, sc.running, sc.kv_usage), (1, 1, 0.5));
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "never scraped");

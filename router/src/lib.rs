@@ -10,7 +10,7 @@
 // Layers, bottom up (a module uses only modules of its own or lower layers):
 // 1. ids, error, config, metrics, state, sse, client, upstream, telemetry, kv_index, pd, discovery
 // 2. route (cache-aware routing shell), snapshot (built from discovery), scrape
-// 3. shared (one router's state), decisions (its debug views)
+// 3. gate (admission: room feed, permits), shared (one router's state), decisions and usage (its views)
 // 4. ctx (per-request context), plan (pure decisions of the proxy step)
 // 5. execute (the proxy step's I/O)
 // 6. pipeline (the phases), app (the service stack and the server)
@@ -22,6 +22,9 @@ pub mod decisions;
 pub mod discovery;
 pub mod error;
 pub mod execute;
+pub mod gate;
+#[cfg(test)]
+mod gate_tests;
 #[cfg(test)]
 mod handler_tests;
 pub mod ids;
@@ -39,6 +42,7 @@ pub mod sse;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -51,15 +55,20 @@ use crate::shared::AppState;
 use crate::snapshot::SnapshotBuilder;
 
 /// Builds the router: the first snapshot from `discovery`'s current sets (so the first request already routes),
-/// then spawns the discovery and scrape loops on the current tokio runtime. `registry` may already hold other
-/// components' metrics; it is frozen for `/metrics` here.
+/// admission (tenants, ledger), then spawns the discovery, scrape and room-feed loops on the current tokio runtime.
+/// `registry` may already hold other components' metrics; it is frozen for `/metrics` here. Fails only when the
+/// usage ledger cannot be opened.
 pub fn start(
     config: &Config,
     mut discovery: Discovery,
     mut registry: Registry,
     created_unix: u64,
     seed: u64,
-) -> Arc<AppState> {
+) -> Result<Arc<AppState>> {
+    let admission = gate::build(&config.admission, &config.tenants).map_err(Error::Admission)?;
+    if let Some(a) = &admission {
+        a.register_metrics(&mut registry);
+    }
     let routing = Arc::new(route::Routing::new(
         config.decisions_size,
         route::CacheMetrics::register(&mut registry),
@@ -76,7 +85,18 @@ pub fn start(
         registry,
         created_unix,
         seed,
+        admission.clone(),
     );
+    if let (Some(adm), Some(room)) = (admission, config.admission.room) {
+        tokio::spawn(gate::feed_room(
+            adm,
+            shared.clone(),
+            room,
+            config.admission.refresh,
+            state.epoch,
+            config.scrape.stale_after,
+        ));
+    }
     tokio::spawn(snapshot::follow(discovery, builder, shared.clone()));
     tokio::spawn(scrape::run(
         client,
@@ -85,7 +105,7 @@ pub fn start(
         state.metrics.clone(),
         state.epoch,
     ));
-    state
+    Ok(state)
 }
 
 /// Errors of the router crate.
@@ -97,6 +117,9 @@ pub enum Error {
     /// Could not bind or serve.
     #[error("server I/O: {0}")]
     Io(#[source] std::io::Error),
+    /// Admission could not start (the usage ledger).
+    #[error("admission: {0}")]
+    Admission(#[source] admission::Error),
 }
 
 impl Error {
@@ -105,6 +128,7 @@ impl Error {
         match self {
             Self::InvalidConfig { .. } => "invalid_config",
             Self::Io(_) => "io",
+            Self::Admission(e) => e.kind(),
         }
     }
 }

@@ -1,10 +1,15 @@
 //! The request path of `/v1/chat/completions` and `/v1/completions`, in named phases over one [`Ctx`]:
 //!
-//! 1. [`identify`]: the request id, the body read under its size limit and parsed once into the request view;
-//! 2. [`admit`]: the model must name a route; the request is counted active from here ([`Admitted`]);
-//! 3. [`route`]: the pure [`plan`](crate::plan::plan): target pool, upstream body, retry budget;
-//! 4. [`proxy`]: [`execute`](crate::execute::execute) does the I/O, picking an endpoint per attempt;
-//! 5. [`account`]: the [`Outcome`] is counted (status, usage) once.
+//! 1. [`identify`]: the tenant (API key, when admission is on; 401 otherwise), the request id, the body read under
+//!    its size limit and parsed once into the request view;
+//! 2. [`resolve`]: the model must name a route (404);
+//! 3. [`route`]: the pure [`plan`](crate::plan::plan): target pool by weight, upstream body, retry budget;
+//! 4. [`admit`]: with admission on, the request waits in its tenant's tier queue of that pool until the pool has room
+//!    ([`crate::gate`]; 403 for a model the tenant may not use, 429 + `Retry-After` when the queue is full or the
+//!    wait too long); it holds a permit from then on, and is counted active ([`Admitted`]);
+//! 5. [`proxy`]: [`execute`](crate::execute::execute) does the I/O, picking an endpoint per attempt;
+//! 6. [`account`]: the [`Outcome`] is counted (status, usage) once, and the permit settled with it (a stream's when
+//!    it ends).
 //!
 //! Every phase takes typed input and returns typed output or an [`ApiError`]; [`completions`] runs them and renders
 //! an error, wherever it came from, through [`crate::error::respond`].
@@ -18,9 +23,15 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use policies::errors::ApiError;
 use policies::openai::Api;
 
+use admission::{AdmitRequest, Identity, Permit};
+
 use crate::ctx::{Admitted, Ctx};
 use crate::error::{respond, too_large};
 use crate::execute::Outcome;
+use crate::gate::End;
+
+/// Resolves when the client left.
+type Gone = tokio::sync::oneshot::Receiver<()>;
 use crate::ids::with_rng;
 use crate::metrics::ModelSeries;
 use crate::plan::{Plan, View};
@@ -41,6 +52,7 @@ fn request_span(api: Api, request_id: &HeaderValue) -> tracing::Span {
         "http.request.method" = "POST",
         "url.path" = api.path(),
         "weir.request_id" = request_id.to_str().unwrap_or_default(),
+        "weir.tenant" = tracing::field::Empty,
         "gen_ai.request.model" = tracing::field::Empty,
         "weir.stream" = tracing::field::Empty,
         "http.response.status_code" = tracing::field::Empty,
@@ -50,8 +62,21 @@ fn request_span(api: Api, request_id: &HeaderValue) -> tracing::Span {
     )
 }
 
-/// Phase 1: reads the body (413 over `limit`, declared or actual) and parses it once into the request view.
-pub async fn identify(api: Api, req: Request, limit: usize) -> Result<(HeaderMap, View), ApiError> {
+/// Phase 1: the tenant (before the body is read: a caller without a valid key costs no body read), then the body
+/// (413 over `limit`, declared or actual) parsed once into the request view.
+pub async fn identify(
+    app: &AppState,
+    api: Api,
+    req: Request,
+    limit: usize,
+) -> Result<(HeaderMap, View, Option<Identity>), ApiError> {
+    let tenant = match &app.admission {
+        Some(adm) => Some(
+            adm.identify(crate::gate::api_key(req.headers()))
+                .map_err(|r| crate::gate::rejected(&r))?,
+        ),
+        None => None,
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -76,19 +101,12 @@ pub async fn identify(api: Api, req: Request, limit: usize) -> Result<(HeaderMap
         }
     })?;
     let view = View::parse(api, bytes)?;
-    Ok((parts.headers, view))
+    Ok((parts.headers, view, tenant))
 }
 
-/// Phase 2: the route serving the request's model (404 `model_not_found` otherwise), and the request counted active.
-pub fn admit<'s>(
-    app: &Arc<AppState>,
-    snap: &'s EndpointSnapshot,
-    ctx: &Ctx,
-) -> Result<(&'s Route, Admitted), ApiError> {
-    let route = crate::plan::resolve(snap, &ctx.view.model)?;
-    let model = route.name.clone();
-    let series = app.metrics.model(&model);
-    Ok((route, Admitted::new(app.clone(), model, series, ctx.start)))
+/// Phase 2: the route serving the request's model (404 `model_not_found` otherwise).
+pub fn resolve<'s>(snap: &'s EndpointSnapshot, ctx: &Ctx) -> Result<&'s Route, ApiError> {
+    crate::plan::resolve(snap, &ctx.view.model)
 }
 
 /// Phase 3: the plan (pure): target pool by weight, the upstream body, attempts and retry budget.
@@ -108,7 +126,43 @@ pub fn route(
     )
 }
 
-/// Phase 4: runs the plan; always answers.
+/// Phase 4: with admission on, waits in the tenant's tier queue of the plan's pool until the pool has room and
+/// keeps the permit in `ctx` (cancel-safe: a client that leaves while queued frees its place at once). Then the
+/// request is counted active.
+pub async fn admit(
+    app: &Arc<AppState>,
+    snap: &EndpointSnapshot,
+    route: &Route,
+    plan: &Plan,
+    ctx: &mut Ctx,
+    gone: Option<Gone>,
+) -> Result<Admitted, ApiError> {
+    if let (Some(adm), Some(who)) = (&app.admission, &ctx.tenant) {
+        let req = AdmitRequest {
+            model: route.name.to_string(),
+            pool: snap.pools[plan.pool].name.to_string(),
+            prompt_tokens: u64::from(ctx.view.estimated_prompt_tokens()),
+            max_tokens: ctx.view.max_tokens.map(u64::from),
+            deadline: None,
+        };
+        let waiting = adm.admit(who, req, tokio::time::Instant::now().into_std());
+        let permit = match gone {
+            None => waiting.await,
+            Some(gone) => tokio::select! {
+                p = waiting => p,
+                // Dropping `waiting` frees the place (counted `abandoned`); nobody reads this answer.
+                _ = gone => return Err(ApiError::new(499, "invalid_request_error", "The client went away.")),
+            },
+        }
+        .map_err(|r| crate::gate::rejected(&r))?;
+        ctx.permit = Some(permit);
+    }
+    let model = route.name.clone();
+    let series = app.metrics.model(&model);
+    Ok(Admitted::new(app.clone(), model, series, ctx.start))
+}
+
+/// Phase 5: runs the plan; always answers.
 pub async fn proxy(
     app: &Arc<AppState>,
     snap: &EndpointSnapshot,
@@ -119,13 +173,22 @@ pub async fn proxy(
     crate::execute::execute(app, snap, ctx, admitted, plan).await
 }
 
-/// Phase 5: counts the answer under the route's model label, and a non-streaming answer's token usage (a stream's
-/// is counted when it ends).
-pub fn account(app: &AppState, model: &Arc<str>, series: &ModelSeries, outcome: &Outcome) {
+/// Phase 6: counts the answer under the route's model label, and a non-streaming answer's token usage, and settles
+/// the permit still held (a stream's permit and usage are settled when the stream ends).
+pub fn account(
+    app: &AppState,
+    model: &Arc<str>,
+    series: &ModelSeries,
+    outcome: &Outcome,
+    permit: Option<Permit>,
+) {
     app.count(model, outcome.status);
     if let Some(u) = outcome.usage {
         series.prompt_tokens.inc_by(u.prompt_tokens);
         series.completion_tokens.inc_by(u.completion_tokens);
+    }
+    if let Some(p) = permit {
+        crate::gate::settle(p, End::of_status(outcome.status), outcome.usage);
     }
 }
 
@@ -135,7 +198,7 @@ pub async fn completions(app: Arc<AppState>, api: Api, req: Request) -> Response
     let request_id = crate::ids::request_id(req.headers());
     let span = request_span(api, &request_id);
     crate::telemetry::set_remote_parent(&span, req.headers());
-    let (headers, view) = match identify(api, req, app.proxy.max_body_bytes).await {
+    let (headers, view, tenant) = match identify(&app, api, req, app.proxy.max_body_bytes).await {
         Ok(v) => v,
         Err(e) => {
             app.count(&app.unknown_model, e.status);
@@ -144,35 +207,61 @@ pub async fn completions(app: Arc<AppState>, api: Api, req: Request) -> Response
     };
     span.record("gen_ai.request.model", view.model.as_str());
     span.record("weir.stream", view.stream);
-    let ctx = Ctx {
-        request_id,
-        headers,
-        view,
-        start,
-        span: span.clone(),
-        decision_id: None,
+    if let Some(t) = &tenant {
+        span.record("weir.tenant", &*t.tenant);
+    }
+    let mut ctx = Ctx::new(request_id, headers, view, start, span.clone());
+    ctx.tenant = tenant;
+    let resp = if app.proxy.drain_cancelled {
+        // Usage is billed: once dispatched, the request runs to its end even if the client leaves (its own task; a
+        // stream is then read to its end by the drain), so the ledger gets the pod's usage. While it is still
+        // queued, the client leaving frees its place at once (`gone`).
+        let (alive, gone) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            serve(app.clone(), ctx, Some(gone)),
+            span.clone(),
+        ));
+        let resp = task.await;
+        drop(alive);
+        resp.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "request task failed");
+            let e = ApiError::new(500, "server_error", "The request failed inside the router.");
+            respond(&e, &crate::ids::new_request_id())
+        })
+    } else {
+        tracing::Instrument::instrument(serve(app, ctx, None), span.clone()).await
     };
-    let resp = tracing::Instrument::instrument(serve(app, ctx), span.clone()).await;
     answered(&span, resp)
 }
 
-/// Phases 2 to 5.
-async fn serve(app: Arc<AppState>, mut ctx: Ctx) -> Response {
+/// Phases 2 to 6. `gone` resolves when the client left (requests that run on after their client, see
+/// [`completions`]).
+async fn serve(app: Arc<AppState>, mut ctx: Ctx, gone: Option<Gone>) -> Response {
     let snap = app.snapshot.load_full();
-    let (route_, admitted) = match admit(&app, &snap, &ctx) {
-        Ok(a) => a,
+    let route_ = match resolve(&snap, &ctx) {
+        Ok(r) => r,
         Err(e) => {
             app.count(&app.unknown_model, e.status);
             return respond(&e, &ctx.request_id);
         }
     };
-    let model = admitted.model.clone();
-    let series = admitted.series.clone();
-    let (resp, outcome) = match route(&app, &snap, route_, &ctx) {
-        Ok(plan) => proxy(&app, &snap, &mut ctx, admitted, plan).await,
-        Err(e) => (respond(&e, &ctx.request_id), Outcome::failed(e.status, 0)),
+    let model = route_.name.clone();
+    let planned = match route(&app, &snap, route_, &ctx) {
+        Ok(plan) => admit(&app, &snap, route_, &plan, &mut ctx, gone)
+            .await
+            .map(|a| (plan, a)),
+        Err(e) => Err(e),
     };
-    account(&app, &model, &series, &outcome);
+    let (plan, admitted) = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            app.count(&model, e.status);
+            return respond(&e, &ctx.request_id);
+        }
+    };
+    let series = admitted.series.clone();
+    let (resp, outcome) = proxy(&app, &snap, &mut ctx, admitted, plan).await;
+    account(&app, &model, &series, &outcome, ctx.permit.take());
     resp
 }
 
@@ -204,62 +293,167 @@ mod tests {
             .unwrap();
         let mut d = crate::discovery::Discovery::new();
         d.add_static(&cfg);
-        crate::start(&cfg, d, Default::default(), 0, 3)
+        crate::start(&cfg, d, Default::default(), 0, 3).unwrap()
     }
 
     const TWO_POOLS: &str = "pools: [{name: a, model: up-a, endpoints: ['http://127.0.0.1:9']}, {name: b, model: up-b, endpoints: ['http://127.0.0.1:9']}]\nmodels: [{name: m, targets: [{pool: a, weight: 1}, {pool: b, weight: 3}]}]";
 
+    /// sha256("sk-a") (admission keeps only hashes).
+    const KEY_A: &str = "sk-a";
+
+    fn tenants_yaml() -> String {
+        let hash = policies::tenant::ApiKeyHash::of(KEY_A).to_hex();
+        format!(
+            "{TWO_POOLS}\ntenants: [{{tenant: alice, tier: interactive, models: [m], identity: {{apiKeys: [{{sha256: '{hash}'}}]}}}}]"
+        )
+    }
+
     fn ctx(body: &'static str) -> Ctx {
-        Ctx {
-            request_id: HeaderValue::from_static("r"),
-            headers: HeaderMap::new(),
-            view: View::parse(Api::Completions, Bytes::from_static(body.as_bytes())).unwrap(),
-            start: tokio::time::Instant::now(),
-            span: tracing::Span::none(),
-            decision_id: None,
+        Ctx::new(
+            HeaderValue::from_static("r"),
+            HeaderMap::new(),
+            View::parse(Api::Completions, Bytes::from_static(body.as_bytes())).unwrap(),
+            tokio::time::Instant::now(),
+            tracing::Span::none(),
+        )
+    }
+
+    fn req(b: &'static str, key: Option<&str>) -> Request {
+        let mut r = Request::post("/v1/completions").header("content-length", b.len());
+        if let Some(k) = key {
+            r = r.header("authorization", format!("Bearer {k}"));
         }
+        r.body(Body::from(b)).unwrap()
     }
 
     #[tokio::test]
     async fn identify_reads_and_parses_under_the_limit() {
-        let req = |b: &'static str| {
-            Request::post("/v1/completions")
-                .header("content-length", b.len())
-                .body(Body::from(b))
-                .unwrap()
-        };
-        let (_, v) = identify(Api::Completions, req(r#"{"model":"m","prompt":"x"}"#), 100)
-            .await
-            .unwrap();
-        assert_eq!((v.model.as_str(), v.stream), ("m", false));
-        let e = identify(
+        let app = app_with(TWO_POOLS);
+        let (_, v, who) = identify(
+            &app,
             Api::Completions,
-            req(r#"{"model":"m","prompt":"xxxxxxxx"}"#),
+            req(r#"{"model":"m","prompt":"x"}"#, None),
+            100,
+        )
+        .await
+        .unwrap();
+        assert_eq!((v.model.as_str(), v.stream), ("m", false));
+        // No tenants configured: everyone is the implicit tenant.
+        assert_eq!(
+            who.map(|w| w.tenant.to_string()).as_deref(),
+            Some("default")
+        );
+        let e = identify(
+            &app,
+            Api::Completions,
+            req(r#"{"model":"m","prompt":"xxxxxxxx"}"#, None),
             10,
         )
         .await
         .unwrap_err();
         assert_eq!(e.status, 413);
-        let e = identify(Api::Chat, req(r#"{"model":"m","prompt":"x"}"#), 100)
-            .await
-            .unwrap_err();
+        let e = identify(
+            &app,
+            Api::Chat,
+            req(r#"{"model":"m","prompt":"x"}"#, None),
+            100,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
     }
 
     #[tokio::test]
-    async fn admit_needs_a_route_and_counts_the_request_active_while_held() {
+    async fn identify_needs_a_tenant_key_when_tenants_are_configured() {
+        let app = app_with(&tenants_yaml());
+        let body = r#"{"model":"m","prompt":"x"}"#;
+        let (_, _, who) = identify(&app, Api::Completions, req(body, Some(KEY_A)), 100)
+            .await
+            .unwrap();
+        assert_eq!(&*who.unwrap().tenant, "alice");
+        for (key, code) in [(None, "missing_api_key"), (Some("sk-b"), "invalid_api_key")] {
+            let e = identify(&app, Api::Completions, req(body, key), 100)
+                .await
+                .unwrap_err();
+            assert_eq!((e.status, e.code.as_deref()), (401, Some(code)));
+        }
+    }
+
+    #[tokio::test]
+    async fn resolve_needs_a_route() {
         let app = app_with(TWO_POOLS);
         let snap = app.snapshot.load_full();
-        let e = admit(&app, &snap, &ctx(r#"{"model":"nope","prompt":"x"}"#)).unwrap_err();
+        let e = resolve(&snap, &ctx(r#"{"model":"nope","prompt":"x"}"#)).unwrap_err();
         assert_eq!(
             (e.status, e.code.as_deref()),
             (404, Some("model_not_found"))
         );
+        assert_eq!(
+            &*resolve(&snap, &ctx(r#"{"model":"m","prompt":"x"}"#))
+                .unwrap()
+                .name,
+            "m"
+        );
+    }
+
+    #[tokio::test]
+    async fn admit_holds_a_permit_and_counts_the_request_active_while_held() {
+        let app = app_with(&tenants_yaml());
+        let snap = app.snapshot.load_full();
+        let mut c = ctx(r#"{"model":"m","prompt":"x"}"#);
+        c.tenant = app.admission.as_ref().unwrap().identify(Some(KEY_A)).ok();
+        let route_ = resolve(&snap, &c).unwrap();
+        let plan = route(&app, &snap, route_, &c).unwrap();
         assert_eq!(app.active_requests.load(Ordering::Relaxed), 0);
-        let (route, admitted) = admit(&app, &snap, &ctx(r#"{"model":"m","prompt":"x"}"#)).unwrap();
-        assert_eq!(&*route.name, "m");
+        let admitted = admit(&app, &snap, route_, &plan, &mut c, None)
+            .await
+            .unwrap();
         assert_eq!(app.active_requests.load(Ordering::Relaxed), 1);
+        let permit = c.permit.take().unwrap();
+        assert_eq!((&*permit.tenant, &*permit.model), ("alice", "m"));
         drop(admitted);
+        assert_eq!(app.active_requests.load(Ordering::Relaxed), 0);
+        // Settled with the answer's usage at `account`.
+        let outcome = Outcome {
+            usage: Some(crate::sse::Usage {
+                prompt_tokens: 3,
+                completion_tokens: 5,
+            }),
+            ..Outcome::failed(200, 1)
+        };
+        let series = app.metrics.model(&route_.name);
+        account(&app, &route_.name, &series, &outcome, Some(permit));
+        let rows = app.admission.as_ref().unwrap().usage("alice");
+        assert_eq!(rows.len(), 1);
+        let c = rows[0].counters;
+        assert_eq!(
+            (
+                c.admitted,
+                c.completed,
+                c.prompt_tokens,
+                c.completion_tokens
+            ),
+            (1, 1, 3, 5)
+        );
+    }
+
+    #[tokio::test]
+    async fn admit_rejects_a_model_the_tenant_may_not_use() {
+        let yaml = tenants_yaml().replace("models: [m]", "models: [other]");
+        let app = app_with(&yaml);
+        let snap = app.snapshot.load_full();
+        let mut c = ctx(r#"{"model":"m","prompt":"x"}"#);
+        c.tenant = app.admission.as_ref().unwrap().identify(Some(KEY_A)).ok();
+        let route_ = resolve(&snap, &c).unwrap();
+        let plan = route(&app, &snap, route_, &c).unwrap();
+        let e = admit(&app, &snap, route_, &plan, &mut c, None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.status, e.code.as_deref()),
+            (403, Some("model_not_allowed"))
+        );
+        assert!(c.permit.is_none());
         assert_eq!(app.active_requests.load(Ordering::Relaxed), 0);
     }
 
@@ -268,7 +462,7 @@ mod tests {
         let app = app_with(TWO_POOLS);
         let snap = app.snapshot.load_full();
         let c = ctx(r#"{"model":"m","prompt":"x","stream":true}"#);
-        let (route_, _admitted) = admit(&app, &snap, &c).unwrap();
+        let route_ = resolve(&snap, &c).unwrap();
         let pool_a = snap.pools.iter().position(|p| &*p.name == "a").unwrap();
         let mut seen = [0u32; 2];
         for _ in 0..400 {

@@ -32,6 +32,8 @@ pub struct ProxyConfig {
     pub max_response_bytes: usize,
     /// Cap on the `retry-after` weir computes from breaker ejections.
     pub max_retry_after_secs: u64,
+    /// Read a stream whose client left to its end, for its usage ([`crate::sse::StreamCtx::drain_cancelled`]).
+    pub drain_cancelled: bool,
 }
 
 impl ProxyConfig {
@@ -45,6 +47,10 @@ impl ProxyConfig {
             max_body_bytes: c.max_body_bytes,
             max_response_bytes: 64 << 20,
             max_retry_after_secs: 60,
+            drain_cancelled: c.admission.enabled
+                && c.admission
+                    .drain_cancelled_streams
+                    .unwrap_or(!c.tenants.is_empty()),
         }
     }
 }
@@ -73,6 +79,8 @@ pub struct AppState {
     pub created_unix: u64,
     /// Metric label for requests naming no known model.
     pub unknown_model: Arc<str>,
+    /// Tenant admission (`None`: admission off, plain routing).
+    pub admission: Option<admission::Admission>,
 }
 
 impl AppState {
@@ -85,6 +93,7 @@ impl AppState {
         mut registry: Registry,
         created_unix: u64,
         seed: u64,
+        admission: Option<admission::Admission>,
     ) -> Arc<Self> {
         crate::ids::seed(seed);
         let metrics = Metrics::register(&mut registry);
@@ -101,6 +110,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             created_unix,
             unknown_model: Arc::from("other"),
+            admission,
         })
     }
 

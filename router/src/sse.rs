@@ -184,14 +184,42 @@ pub struct StreamCtx {
     /// left, as long as the pod's usage chunk arrived): the endpoint's breaker verdict is given here, not at the
     /// response head, so a pod that always fails mid-stream still gets ejected.
     pub on_end: Option<OnEnd>,
+    /// When the client leaves mid-stream, keep reading the pod's stream to its end (in a task of its own) so its
+    /// usage chunk arrives and the request is billed exactly what the pod computed; `on_end` is called then. Off:
+    /// the upstream connection is closed at once, which makes vLLM abort the request (less GPU, usage unknown).
+    pub drain_cancelled: bool,
 }
 
+/// Reads the rest of a stream whose client left, then ends it (see [`StreamCtx::drain_cancelled`]).
+type Drain<B> = fn(B, SseScanner, OnEnd, Duration, Arc<ModelSeries>);
+
 struct StreamState<B> {
-    upstream: B,
+    /// `None` once handed to a drain.
+    upstream: Option<B>,
     ctx: StreamCtx,
     last_event: Option<tokio::time::Instant>,
     finished: bool,
     outcome: StreamOutcome,
+    drain: Option<Drain<B>>,
+}
+
+impl<B> StreamState<B> {
+    /// Hands the unfinished upstream to a drain task; false when there is nothing to drain or no runtime to run it.
+    fn start_drain(&mut self) -> bool {
+        if self.finished || tokio::runtime::Handle::try_current().is_err() {
+            return false;
+        }
+        let (Some(drain), Some(on_end)) = (self.drain, self.ctx.on_end.take()) else {
+            return false;
+        };
+        let Some(up) = self.upstream.take() else {
+            self.ctx.on_end = Some(on_end);
+            return false;
+        };
+        let scanner = std::mem::take(&mut self.ctx.scanner);
+        drain(up, scanner, on_end, self.ctx.idle, self.ctx.series.clone());
+        true
+    }
 }
 
 impl<B> Drop for StreamState<B> {
@@ -201,9 +229,6 @@ impl<B> Drop for StreamState<B> {
         } else {
             StreamOutcome::Cancelled
         };
-        if let Some(f) = self.ctx.on_end.take() {
-            f(outcome, self.ctx.scanner.usage);
-        }
         self.ctx
             .outcomes
             .get_or_create(&ModelOutcome {
@@ -211,14 +236,44 @@ impl<B> Drop for StreamState<B> {
                 outcome,
             })
             .inc();
-        if let Some(u) = self.ctx.scanner.usage {
-            self.ctx.series.prompt_tokens.inc_by(u.prompt_tokens);
-            self.ctx
-                .series
-                .completion_tokens
-                .inc_by(u.completion_tokens);
+        if self.ctx.drain_cancelled && self.start_drain() {
+            return;
         }
+        if let Some(f) = self.ctx.on_end.take() {
+            f(outcome, self.ctx.scanner.usage);
+        }
+        count_usage(&self.ctx.series, self.ctx.scanner.usage);
     }
+}
+
+fn count_usage(series: &ModelSeries, usage: Option<Usage>) {
+    if let Some(u) = usage {
+        series.prompt_tokens.inc_by(u.prompt_tokens);
+        series.completion_tokens.inc_by(u.completion_tokens);
+    }
+}
+
+/// The drain task: reads the pod's stream to its end (each gap bounded by `idle`), then calls `on_end` with the usage
+/// the pod reported.
+fn drain_rest<B>(
+    mut upstream: B,
+    mut scanner: SseScanner,
+    on_end: OnEnd,
+    idle: Duration,
+    series: Arc<ModelSeries>,
+) where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(idle, upstream.frame()).await {
+            if let Ok(data) = frame.into_data() {
+                let _ = scanner.push_bytes(data);
+            }
+        }
+        on_end(StreamOutcome::Cancelled, scanner.usage);
+        count_usage(&series, scanner.usage);
+    });
 }
 
 /// Forwards an upstream SSE body event by event. Dropping the returned stream (client gone) drops the upstream body,
@@ -232,18 +287,20 @@ where
     B::Error: std::fmt::Display,
 {
     let st = StreamState {
-        upstream,
+        upstream: Some(upstream),
         ctx,
         last_event: None,
         finished: false,
         outcome: StreamOutcome::Complete,
+        drain: Some(drain_rest::<B> as Drain<B>),
     };
     futures::stream::unfold(st, |mut st| async move {
         loop {
             if st.finished {
                 return None;
             }
-            match tokio::time::timeout(st.ctx.idle, st.upstream.frame()).await {
+            let upstream = st.upstream.as_mut()?;
+            match tokio::time::timeout(st.ctx.idle, upstream.frame()).await {
                 Ok(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else {
                         continue;

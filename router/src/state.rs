@@ -91,6 +91,11 @@ impl EndpointState {
         self.scrape_failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether a scrape ever succeeded (a pod without `/metrics` never is, and is not gated by admission).
+    pub fn ever_scraped(&self) -> bool {
+        self.scraped_at_ms.load(Ordering::Relaxed) != 0
+    }
+
     /// Last scrape if it is at most `stale_after` old at `since_epoch`.
     pub fn scraped(&self, since_epoch: Duration, stale_after: Duration) -> Option<ScrapedLoad> {
         let at = self.scraped_at_ms.load(Ordering::Relaxed);

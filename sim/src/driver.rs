@@ -375,6 +375,8 @@ fn step_facts(out: &StepOutput) -> StepFacts {
         num_scheduled_tokens: s.num_scheduled_tokens,
         num_prefill_tokens: s.num_prefill_tokens,
         num_decode_seqs: s.num_decode_seqs,
+        num_prompt_tokens: s.num_prompt_tokens,
+        num_generation_tokens: s.num_generation_tokens,
         prefix_queries: s.prefix_queries,
         prefix_hits: s.prefix_hits,
         external_queries: s.external_queries,

@@ -162,6 +162,10 @@ pub struct StepFacts {
     pub num_prefill_tokens: u32,
     /// Decode sequences in the step (one generated token each).
     pub num_decode_seqs: u32,
+    /// Whole prompts of requests that produced their first token in the step (`vllm:prompt_tokens_total`).
+    pub num_prompt_tokens: u32,
+    /// Tokens produced in the step, first tokens included (`vllm:generation_tokens_total`).
+    pub num_generation_tokens: u32,
     /// Prompt tokens looked up in the local prefix cache.
     pub prefix_queries: u64,
     /// Prompt tokens found in the local prefix cache.
@@ -296,8 +300,10 @@ impl Metrics {
         self.external_queries += s.external_queries;
         self.external_hits += s.external_hits;
         self.preemptions += u64::from(s.preemptions);
-        self.prompt_tokens += u64::from(s.num_prefill_tokens);
-        self.generation_tokens += u64::from(s.num_decode_seqs);
+        // vLLM v1 semantics: a request's whole prompt when it produces its first token (cached part included,
+        // recomputation after preemption not counted again), and every produced token.
+        self.prompt_tokens += u64::from(s.num_prompt_tokens);
+        self.generation_tokens += u64::from(s.num_generation_tokens);
         if s.num_scheduled_tokens > 0 {
             self.iteration_tokens
                 .observe(f64::from(s.num_scheduled_tokens));

@@ -100,6 +100,11 @@ impl ApiKeyHash {
         Self(Sha256::digest(key.as_bytes()).into())
     }
 
+    /// The 64 lowercase hex digits (what a config's `sha256:` holds).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Parses 64 hex digits (either case).
     pub fn from_hex(hex: &str) -> Option<Self> {
         let bytes = hex.as_bytes();

@@ -389,6 +389,7 @@ pub async fn execute(
                                 first_token,
                                 recorded,
                                 inject_usage: plan.inject_usage,
+                                permit: ctx.permit.take(),
                             };
                             // The request stays active (and its end-to-end time open) until the stream ends.
                             let body = stream_body(app, snap, ctx, admitted, upstream, stream);

@@ -4,6 +4,7 @@ use axum::body::Body;
 
 use super::{Attempt, span_failed};
 use crate::ctx::{Admitted, Ctx};
+use crate::gate::End;
 use crate::metrics::StreamOutcome;
 use crate::shared::AppState;
 use crate::snapshot::EndpointSnapshot;
@@ -32,6 +33,8 @@ pub(super) struct StreamParts {
     pub(super) recorded: Option<String>,
     /// weir asked for the usage chunk: strip it.
     pub(super) inject_usage: bool,
+    /// Admission's permit, settled with the stream's end and the pod's usage.
+    pub(super) permit: Option<admission::Permit>,
 }
 
 /// The client body of a streaming answer: the pod's events through [`proxy_stream`], the first one releasing the
@@ -50,18 +53,28 @@ pub(super) fn stream_body(
         first_token,
         recorded,
         inject_usage,
+        permit,
     } = parts;
     let series = admitted.series.clone();
     let sctx = StreamCtx {
         scanner: SseScanner::new(inject_usage),
         idle: app.proxy.idle,
+        drain_cancelled: app.proxy.drain_cancelled,
         series,
         outcomes: app.metrics.stream_outcomes.clone(),
         start: ctx.start,
         guards: Box::new(admitted.into_guard()),
         // Holds the attempt span, which so covers the whole stream and closes when it ends.
-        on_end: Some(Box::new(move |outcome, _usage| {
+        on_end: Some(Box::new(move |outcome, usage| {
             up_span.record("weir.stream_outcome", tracing::field::debug(outcome));
+            if let Some(p) = permit {
+                let end = match outcome {
+                    StreamOutcome::Complete => End::Completed,
+                    StreamOutcome::Cancelled => End::Cancelled,
+                    _ => End::Failed,
+                };
+                crate::gate::settle(p, end, usage);
+            }
             match outcome {
                 StreamOutcome::Complete => att.success(),
                 StreamOutcome::UpstreamError

@@ -326,6 +326,11 @@ pub struct StepStats {
     pub num_scheduled_tokens: u32,
     pub num_prefill_tokens: u32,
     pub num_decode_seqs: u32,
+    /// Prompt tokens (the whole prompt, cached part included) of requests that produced their first token in this
+    /// step: vLLM v1's `vllm:prompt_tokens_total` increment (`IterationStats.update_from_output`).
+    pub num_prompt_tokens: u32,
+    /// Tokens produced in this step, first tokens included: vLLM v1's `vllm:generation_tokens_total` increment.
+    pub num_generation_tokens: u32,
     /// Prompt tokens looked up / hit, per newly scheduled request (vLLM semantics).
     pub prefix_queries: u64,
     pub prefix_hits: u64,

@@ -144,6 +144,10 @@ impl Engine {
             } else {
                 output_token(r.req.gen_seed, idx)
             };
+            if idx == 0 {
+                out.stats.num_prompt_tokens += r.prompt_len();
+            }
+            out.stats.num_generation_tokens += 1;
             r.output.push(token);
             r.first_token.get_or_insert(end);
             out.events.push(Event::Token {

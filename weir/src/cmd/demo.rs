@@ -106,7 +106,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let mut discovery = Discovery::new();
     discovery.add_static(&config);
     let registry = prometheus_client::registry::Registry::default();
-    let state = router::start(&config, discovery, registry, now.as_secs(), seed);
+    let state = router::start(&config, discovery, registry, now.as_secs(), seed)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {} (pick another with --listen)", config.listen))?;

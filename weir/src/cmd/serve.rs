@@ -274,7 +274,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(k8s.run(tx));
         }
         let registry = prometheus_client::registry::Registry::default();
-        let state = router::start(&config, discovery, registry, now.as_secs(), seed);
+        let state = router::start(&config, discovery, registry, now.as_secs(), seed)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

@@ -36,6 +36,17 @@
 //! scrape: {interval: 100ms, timeout: 1s, stale_after: 1s}
 //! max_body_bytes: 8388608
 //! drain_timeout: 30s
+//! tenants:                           # TenantPolicy specs (camelCase, as the CRD); none: one implicit tenant
+//!   - tenant: acme
+//!     tier: interactive              # interactive | standard | batch
+//!     weight: 2
+//!     models: [llama]
+//!     queue: {maxQueued: 1000, maxWaitMs: 30000}
+//!     identity: {apiKeys: [{sha256: "<64 hex digits of the key's SHA-256>"}]}
+//! admission:                         # see config::admission; all optional
+//!   {enabled: true, ledger: /var/lib/weir/usage.redb, ledger_flush: 500ms, admin_keys: ["<sha256>"],
+//!    gate: true, max_waiting: 2, kv_limit: 0.9, max_prefill_tokens: 16384, burst: 8, max_in_flight: 256,
+//!    refresh: 10ms, max_queued_per_tier: 5000}
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,6 +63,10 @@ use policies::pick::{Picker, Pipeline, Policy, Weighted, scorers};
 use serde::Deserialize;
 
 use crate::Error;
+
+mod admission;
+
+pub use self::admission::{AdmissionSettings, RawAdmission, validate_tenants};
 
 /// Top-level YAML document.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -87,6 +102,12 @@ pub struct RawConfig {
     /// Decision-record ring (`/debug/decisions`).
     #[serde(default)]
     pub decisions: RawDecisions,
+    /// Tenants: `TenantPolicy` specs. None: every request is the implicit tenant `default`.
+    #[serde(default)]
+    pub tenants: Vec<policies::tenant::TenantPolicySpec>,
+    /// Admission: ledger, admin keys, dispatch gating.
+    #[serde(default)]
+    pub admission: RawAdmission,
 }
 
 /// Decision-record settings in YAML.
@@ -371,6 +392,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Decision records kept for `/debug/decisions`.
     pub decisions_size: usize,
+    /// Tenants (validated at start; kept as specs, the admission crate's input).
+    pub tenants: Vec<policies::tenant::TenantPolicySpec>,
+    /// Admission settings.
+    pub admission: AdmissionSettings,
 }
 
 /// A validated static endpoint.
@@ -577,7 +602,7 @@ pub struct ScrapeConfig {
     pub stale_after: Duration,
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
+pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::InvalidConfig {
         field: field.into(),
         reason: reason.into(),
@@ -1105,6 +1130,8 @@ impl RawConfig {
         if decisions_size == 0 || decisions_size > 1_000_000 {
             return Err(invalid("decisions.size", "must be in 1..=1000000"));
         }
+        validate_tenants(&self.tenants)?;
+        let admission = self.admission.validate()?;
         Ok(Config {
             listen,
             pools,
@@ -1116,6 +1143,8 @@ impl RawConfig {
             max_body_bytes,
             drain_timeout,
             decisions_size,
+            tenants: self.tenants,
+            admission,
         })
     }
 }

@@ -1,0 +1,171 @@
+//! Admission inside the router (settings: [`crate::config::AdmissionSettings`]): building the [`admission::Admission`], the feed
+//! of each pool's dispatch room from the live endpoint state, and the settling of a proxied request's [`Permit`] from
+//! how it ended.
+//!
+//! Room ([`policies::room`]) is what makes priorities take effect in weir rather than in vLLM's FIFO: a request
+//! waits in weir's tier queues until its pool has room, so a later interactive request can still go first. A pool
+//! none of whose pods was ever scraped (backends without `/metrics`) is not gated: there is nothing to gate on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use admission::{Admission, Permit, Usage};
+use arc_swap::ArcSwap;
+use policies::endpoint::Role;
+use policies::room::{PodLoad, RoomConfig, pool_room};
+use policies::tenant::TenantPolicySpec;
+
+use crate::config::AdmissionSettings;
+use crate::snapshot::{EndpointSnapshot, Pool};
+
+/// The admission of a router with these settings, `None` when admission is off. With a ledger file this must run
+/// inside a tokio runtime (it starts the ledger's flush task).
+pub fn build(
+    settings: &AdmissionSettings,
+    tenants: &[TenantPolicySpec],
+) -> Result<Option<Admission>, admission::Error> {
+    if !settings.enabled {
+        return Ok(None);
+    }
+    Admission::from_policies(tenants.to_vec(), settings.config.clone()).map(Some)
+}
+
+/// The room of `pool` now, `None` when the pool is not gated (no pod was ever scraped).
+pub fn room_of(
+    pool: &Pool,
+    cfg: &RoomConfig,
+    now: std::time::Instant,
+    since_epoch: Duration,
+    stale_after: Duration,
+) -> Option<u32> {
+    if !pool.endpoints.iter().any(|e| e.state.ever_scraped()) {
+        return None;
+    }
+    let loads: Vec<PodLoad> = crate::plan::candidates(pool, &[], now, since_epoch, stale_after)
+        .iter()
+        // Requests are dispatched to decode-capable pods; a prefill pod's work is the decode pod's prefill leg.
+        .filter(|v| v.role != Role::Prefill)
+        .map(|v| PodLoad::from_view(v, cfg))
+        .collect();
+    Some(pool_room(&loads, cfg))
+}
+
+/// Recomputes every pool's room each `every` and hands it to admission, until the task is dropped.
+pub async fn feed_room(
+    adm: Admission,
+    snapshot: Arc<ArcSwap<EndpointSnapshot>>,
+    cfg: RoomConfig,
+    every: Duration,
+    epoch: tokio::time::Instant,
+    stale_after: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = snapshot.load();
+        let now = tokio::time::Instant::now();
+        for pool in &snap.pools {
+            let room = room_of(
+                pool,
+                &cfg,
+                now.into_std(),
+                now.duration_since(epoch),
+                stale_after,
+            );
+            adm.set_room(&pool.name, room.unwrap_or(u32::MAX));
+        }
+    }
+}
+
+/// How a proxied request ended, for its permit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client got its whole answer.
+    Completed,
+    /// An error answer, or a stream the model server broke.
+    Failed,
+    /// The client went away.
+    Cancelled,
+}
+
+impl End {
+    /// A non-streaming answer with this status.
+    pub fn of_status(status: u16) -> Self {
+        if (200..300).contains(&status) {
+            End::Completed
+        } else {
+            End::Failed
+        }
+    }
+}
+
+/// Settles `permit` with the pod's usage.
+pub fn settle(permit: Permit, end: End, usage: Option<crate::sse::Usage>) {
+    let u = usage.map_or(Usage::default(), |u| Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        ..Usage::default()
+    });
+    match end {
+        End::Completed => permit.complete(u),
+        End::Failed => permit.fail(u),
+        End::Cancelled => permit.cancel(u),
+    }
+}
+
+/// The API key of a request: `Authorization: Bearer <key>` (the scheme case-insensitive, as RFC 9110 has it).
+pub fn api_key(headers: &hyper::HeaderMap) -> Option<&str> {
+    let v = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = v.trim().split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+/// The OpenAI-shaped error of an admission rejection, with its `Retry-After`.
+pub fn rejected(r: &admission::Reject) -> policies::errors::ApiError {
+    let e = r.to_api_error();
+    match r.retry_after {
+        // Whole seconds, rounded up: a client that waits the header's time finds room.
+        Some(d) => e.with_retry_after(d.as_millis().div_ceil(1000).max(1) as u64),
+        None => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::HeaderMap;
+    use hyper::header::{AUTHORIZATION, HeaderValue};
+
+    use super::*;
+
+    #[test]
+    fn the_api_key_is_the_bearer_token() {
+        let h = |v: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(AUTHORIZATION, HeaderValue::from_static(v));
+            m
+        };
+        assert_eq!(api_key(&h("Bearer sk-1")), Some("sk-1"));
+        assert_eq!(api_key(&h("bearer  sk-2 ")), Some("sk-2"));
+        assert_eq!(api_key(&h("Basic dXNlcg==")), None);
+        assert_eq!(api_key(&h("Bearer ")), None);
+        assert_eq!(api_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_queue_full_rejection_is_a_429_with_retry_after_in_whole_seconds() {
+        let r = admission::Reject::new(
+            admission::RejectReason::QueueFull,
+            Some(Duration::from_millis(1500)),
+            "full",
+        );
+        let e = rejected(&r);
+        assert_eq!(
+            (e.status, e.code.as_deref(), e.retry_after),
+            (429, Some("queue_full"), Some(2))
+        );
+        let r = admission::Reject::new(admission::RejectReason::InvalidApiKey, None, "no");
+        assert_eq!((rejected(&r).status, rejected(&r).retry_after), (401, None));
+    }
+}

@@ -1,0 +1,296 @@
+//! Admission through the router's real front door (`app(state).oneshot(..)`) against in-process fake vLLM backends:
+//! tenant keys, dispatch held while the pool has no room, tier priority when room opens, 429 with `Retry-After`,
+//! permits settled by how requests end, and `GET /v1/usage`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Body;
+use http_body_util::BodyExt;
+use hyper::{Request, StatusCode};
+use policies::tenant::ApiKeyHash;
+use tower::ServiceExt;
+
+use crate::app::app;
+use crate::handler_tests::{Fake, OK, PROMPT, SLOW, STREAM, err_code, fake, post, send, state};
+use crate::shared::AppState;
+
+const ADMIN: &str = "sk-admin";
+
+/// alice (interactive) and bob (batch), short maximum waits; one pool `m` on `url`.
+fn tenants(url: &str) -> String {
+    let h = |k: &str| ApiKeyHash::of(k).to_hex();
+    format!(
+        "pools: [{{name: m, endpoints: ['{url}']}}]\n\
+         tenants:\n\
+         - {{tenant: alice, tier: interactive, queue: {{maxWaitMs: 3000}}, identity: {{apiKeys: [{{sha256: '{}'}}]}}}}\n\
+         - {{tenant: bob, tier: batch, queue: {{maxWaitMs: 300}}, identity: {{apiKeys: [{{sha256: '{}'}}]}}}}\n\
+         admission: {{admin_keys: ['{}'], refresh: 5ms, burst: 1}}\n\
+         scrape: {{interval: 20ms}}",
+        h("sk-alice"),
+        h("sk-bob"),
+        h(ADMIN)
+    )
+}
+
+fn with_key(mut r: Request<Body>, key: &str) -> Request<Body> {
+    r.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    r
+}
+
+fn get(path: &str, key: Option<&str>) -> Request<Body> {
+    let r = Request::get(path).body(Body::empty()).unwrap();
+    match key {
+        Some(k) => with_key(r, k),
+        None => r,
+    }
+}
+
+/// Waits until the router has scraped the fake once (from then on the pool is gated).
+async fn scraped(s: &Arc<AppState>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !s.snapshot.load().pools[0].endpoints[0].state.ever_scraped() {
+        assert!(tokio::time::Instant::now() < deadline, "never scraped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Usage rows of `tenant` as its own key reads them.
+async fn usage(s: &Arc<AppState>, key: &str) -> serde_json::Value {
+    let (st, _, body) = send(s, get("/v1/usage", Some(key))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test]
+async fn a_tenant_key_is_needed_and_checked() {
+    let (_f, url) = fake(OK).await;
+    let s = state(&tenants(&url));
+    let (st, h, body) = send(&s, post("/v1/completions", PROMPT)).await;
+    assert_eq!(
+        (st, err_code(&body)),
+        (StatusCode::UNAUTHORIZED, "missing_api_key".into())
+    );
+    assert!(h.contains_key("x-request-id"));
+    let (st, _, body) = send(&s, with_key(post("/v1/completions", PROMPT), "sk-eve")).await;
+    assert_eq!(
+        (st, err_code(&body)),
+        (StatusCode::UNAUTHORIZED, "invalid_api_key".into())
+    );
+    let (st, _, body) = send(&s, with_key(post("/v1/completions", PROMPT), "sk-alice")).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn a_full_pool_holds_requests_then_sheds_them_with_retry_after() {
+    let (f, url) = fake(OK).await;
+    let s = state(&tenants(&url));
+    f.waiting.store(2, Ordering::SeqCst); // the pod's queue is full: no room
+    scraped(&s).await;
+    let t0 = tokio::time::Instant::now();
+    let (st, h, body) = send(&s, with_key(post("/v1/completions", PROMPT), "sk-bob")).await;
+    assert_eq!(
+        (st, err_code(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "queue_timeout".into()),
+        "{body}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(h["retry-after"], "1");
+    assert_eq!(
+        f.hits.load(Ordering::SeqCst),
+        0,
+        "a held request never reached the pod"
+    );
+    // Room again: the next request goes through.
+    f.waiting.store(0, Ordering::SeqCst);
+    let (st, _, body) = send(&s, with_key(post("/v1/completions", PROMPT), "sk-bob")).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let u = usage(&s, "sk-bob").await;
+    let row = &u["data"][0];
+    assert_eq!(
+        (
+            row["tenant"].as_str(),
+            row["tier"].as_str(),
+            row["rejected"].as_u64(),
+            row["admitted"].as_u64(),
+            row["completed"].as_u64(),
+            row["prompt_tokens"].as_u64(),
+            row["completion_tokens"].as_u64()
+        ),
+        (
+            Some("bob"),
+            Some("batch"),
+            Some(1),
+            Some(1),
+            Some(1),
+            Some(4),
+            Some(1)
+        ),
+        "{u}"
+    );
+}
+
+#[tokio::test]
+async fn when_room_opens_the_interactive_request_goes_before_the_earlier_batch_one() {
+    let (f, url) = fake(OK).await;
+    let s = state(&tenants(&url).replace("maxWaitMs: 300", "maxWaitMs: 3000"));
+    f.waiting.store(2, Ordering::SeqCst);
+    scraped(&s).await;
+    let spawn = |prompt: &'static str, key: &'static str| {
+        let s = s.clone();
+        let body = format!(r#"{{"model":"m","prompt":"{prompt}","max_tokens":3}}"#);
+        tokio::spawn(async move { send(&s, with_key(post("/v1/completions", &body), key)).await })
+    };
+    let batch = spawn("batch", "sk-bob");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let interactive = spawn("interactive", "sk-alice");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.hits.load(Ordering::SeqCst), 0);
+    // Room again, one request per 5 ms computation (`burst: 1`).
+    f.waiting.store(1, Ordering::SeqCst);
+    let (a, b) = (interactive.await.unwrap(), batch.await.unwrap());
+    assert_eq!(
+        (a.0, b.0),
+        (StatusCode::OK, StatusCode::OK),
+        "{} {}",
+        a.2,
+        b.2
+    );
+    let seen = f.seen.lock();
+    assert_eq!(
+        seen[0].0["prompt"],
+        "interactive",
+        "{:?}",
+        seen.iter().map(|s| &s.0["prompt"]).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_stream_the_client_drops_is_settled_as_cancelled_once() {
+    let (f, url) = fake(SLOW).await;
+    // Not drained: the pod's stream is closed at once (the fake's slow stream would take minutes to read).
+    let s = state(&tenants(&url).replace("burst: 1", "burst: 1, drain_cancelled_streams: false"));
+    let r = app(s.clone())
+        .oneshot(with_key(post("/v1/completions", STREAM), "sk-alice"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut body = r.into_body();
+    assert!(body.frame().await.unwrap().unwrap().data_ref().is_some());
+    drop(body);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while f.cancelled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backend never saw the cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let u = usage(&s, "sk-alice").await;
+    let row = &u["data"][0];
+    assert_eq!(
+        (
+            row["admitted"].as_u64(),
+            row["cancelled"].as_u64(),
+            row["completed"].as_u64(),
+            row["failed"].as_u64()
+        ),
+        (Some(1), Some(1), Some(0), Some(0)),
+        "{u}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_the_client_drops_is_read_to_its_end_and_billed_the_pods_usage() {
+    let (f, url) = fake(OK).await;
+    let s = state(&tenants(&url));
+    let r = app(s.clone())
+        .oneshot(with_key(post("/v1/completions", STREAM), "sk-alice"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // The client leaves before reading anything.
+    drop(r);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let u = usage(&s, "sk-alice").await;
+        let row = &u["data"][0];
+        if row["cancelled"].as_u64() == Some(1) {
+            // The fake's usage chunk: 4 prompt and 3 completion tokens.
+            assert_eq!(
+                (
+                    row["admitted"].as_u64(),
+                    row["prompt_tokens"].as_u64(),
+                    row["completion_tokens"].as_u64()
+                ),
+                (Some(1), Some(4), Some(3)),
+                "{u}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never settled: {u}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        f.cancelled.load(Ordering::SeqCst),
+        0,
+        "the pod's stream was read to its end"
+    );
+}
+
+#[tokio::test]
+async fn usage_is_a_tenants_own_unless_the_key_is_an_admin_one() {
+    let (_f, url) = fake(OK).await;
+    let s = state(&tenants(&url));
+    for key in ["sk-alice", "sk-bob"] {
+        let (st, _, _) = send(&s, with_key(post("/v1/completions", PROMPT), key)).await;
+        assert_eq!(st, StatusCode::OK);
+    }
+    let mine = usage(&s, "sk-alice").await;
+    let tenants: Vec<_> = mine["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["tenant"].clone())
+        .collect();
+    assert_eq!(tenants, ["alice"]);
+    let (st, _, body) = send(&s, get("/v1/usage?tenant=bob", Some("sk-alice"))).await;
+    assert_eq!(
+        (st, err_code(&body)),
+        (StatusCode::FORBIDDEN, "permission_denied".into())
+    );
+    let (st, _, body) = send(&s, get("/v1/usage", None)).await;
+    assert_eq!(
+        (st, err_code(&body)),
+        (StatusCode::UNAUTHORIZED, "missing_api_key".into())
+    );
+    let all = usage(&s, ADMIN).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 2, "{all}");
+    let (st, _, body) = send(&s, get("/v1/usage?tenant=bob", Some(ADMIN))).await;
+    assert_eq!(st, StatusCode::OK);
+    let bob: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rows = bob["data"].as_array().unwrap();
+    assert!(rows.len() == 1 && rows[0]["tenant"] == "bob", "{bob}");
+}
+
+#[tokio::test]
+async fn with_admission_off_there_are_no_keys_queues_or_ledger() {
+    let (_f, url): (Arc<Fake>, String) = fake(OK).await;
+    let s = state(
+        &format!("{}\n", tenants(&url)).replace("admission: {", "admission: {enabled: false, "),
+    );
+    assert!(s.admission.is_none());
+    let (st, _, body) = send(&s, post("/v1/completions", PROMPT)).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (st, _, body) = send(&s, get("/v1/usage", Some(ADMIN))).await;
+    assert_eq!(
+        (st, err_code(&body)),
+        (StatusCode::NOT_FOUND, "usage_disabled".into())
+    );
+}
