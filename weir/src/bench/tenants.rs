@@ -184,7 +184,7 @@ pub fn qos_preset(capacity: f64) -> Vec<TenantLoad> {
             1.0,
             "chat",
             steady,
-            10_000,
+            1_000,
         ),
         t(
             "interactive-2",
@@ -192,10 +192,10 @@ pub fn qos_preset(capacity: f64) -> Vec<TenantLoad> {
             1.0,
             "chat",
             steady,
-            10_000,
+            1_000,
         ),
-        t("standard-1", Tier::Standard, 1.0, "chat", steady, 10_000),
-        t("standard-2", Tier::Standard, 1.0, "chat", steady, 10_000),
+        t("standard-1", Tier::Standard, 1.0, "chat", steady, 1_000),
+        t("standard-2", Tier::Standard, 1.0, "chat", steady, 1_000),
         t("batch-1", Tier::Batch, 1.0, "batch", flood, 2_000),
         t("batch-2", Tier::Batch, 1.0, "batch", flood, 2_000),
         t("batch-3", Tier::Batch, 2.0, "batch", flood, 2_000),
@@ -337,6 +337,8 @@ mod tests {
         assert!(p.iter().any(|t| t.tier == Tier::Batch && t.weight == 2.0));
         assert!(p.iter().all(|t| t.stream && t.key.starts_with("sk-")));
         assert_eq!(p.iter().filter(|t| t.workload == "batch").count(), 3);
+        // In-flight caps: the client's sockets stay under the usual 20,000 open-file limit.
+        assert_eq!(p.iter().map(|t| t.max_in_flight).sum::<usize>(), 10_000);
         // The preset scales with the fleet.
         let small = qos_preset(1.0);
         assert!((small[4].rate.unwrap() - 10.0 / 3.0).abs() < 1e-12);
