@@ -31,7 +31,12 @@ struct Fake {
     live: AtomicU64,
     /// Tokens streamed (feeds the fake lateness histogram).
     tokens: AtomicU64,
+    /// Completion requests received per `Authorization` header value (`-` when absent).
+    by_auth: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
 }
+
+/// The key the fake answers with 429 + `Retry-After`, as an admission layer sheds a full queue.
+const SHED_KEY: &str = "sk-shed";
 
 async fn completions(
     State(f): State<Arc<Fake>>,
@@ -39,6 +44,21 @@ async fn completions(
     Json(body): Json<Value>,
 ) -> Response {
     f.requests.fetch_add(1, Ordering::SeqCst);
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    *f.by_auth.lock().entry(auth.clone()).or_insert(0) += 1;
+    if auth == format!("Bearer {SHED_KEY}") {
+        let err = json!({"error":{"message":"queue full","type":"server_overloaded","param":null,"code":"capacity_exceeded"}});
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            Json(err),
+        )
+            .into_response();
+    }
     if let Some(code) = headers
         .get("x-return-error")
         .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
@@ -136,6 +156,7 @@ async fn fake(ttft_ms: u64, itl_ms: u64) -> (String, Arc<Fake>) {
         peak: AtomicU64::new(0),
         live: AtomicU64::new(0),
         tokens: AtomicU64::new(0),
+        by_auth: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
     });
     let app = Router::new()
         .route("/v1/chat/completions", post(completions))
@@ -411,4 +432,111 @@ async fn trace_replay_sends_every_line_at_its_time() {
         "arrivals follow the trace clock"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_file_sends_each_tenants_key_and_reports_per_tenant_and_tier() {
+    let (url, f) = fake(2, 1).await;
+    let path = std::env::temp_dir().join(format!("weir-bench-tenants-{}.yaml", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "tenants:\n\
+             - {{name: alice, key: sk-alice, tier: interactive, workload: tiny, concurrency: 2}}\n\
+             - {{name: bob, key: sk-bob, tier: batch, weight: 2, workload: tiny, rate: 40}}\n\
+             - {{name: shed, key: {SHED_KEY}, tier: batch, workload: tiny, concurrency: 1}}\n"
+        ),
+    )
+    .unwrap();
+    let run = common::run_bench(
+        &[
+            "--url",
+            &url,
+            "--model",
+            "m",
+            "--tenants",
+            path.to_str().unwrap(),
+            "--duration",
+            "1s",
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    let r = run.report;
+    let seen = f.by_auth.lock().clone();
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["Bearer sk-alice", "Bearer sk-bob", "Bearer sk-shed"],
+        "every request carries its tenant's key, and only that: {seen:?}"
+    );
+    let t = |name: &str| {
+        r["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tenant"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (alice, bob, shed) = (t("alice"), t("bob"), t("shed"));
+    // What the server answered each key is what the report counts for that tenant.
+    assert_eq!(alice["requests"].as_u64(), Some(seen["Bearer sk-alice"]));
+    assert_eq!(alice["completed"], alice["requests"]);
+    assert!(alice["requests"].as_u64().unwrap() > 10, "{alice}");
+    assert_eq!(alice["ttft_ms"]["count"], alice["requests"]);
+    assert_eq!(bob["completed"].as_u64(), Some(seen["Bearer sk-bob"]));
+    assert_eq!(shed["completed"], 0);
+    assert_eq!(
+        shed["rejected"]["429"].as_u64(),
+        Some(seen["Bearer sk-shed"])
+    );
+    assert_eq!(shed["ttft_ms"]["count"], 0, "a rejection has no TTFT");
+    assert_eq!(
+        (bob["weight"].as_f64(), shed["weight"].as_f64()),
+        (Some(2.0), Some(1.0))
+    );
+    // Batch tier: bob served everything, so his share of the tier is 1 against a weight share of 2/3.
+    assert_eq!(bob["tier_share"].as_f64(), Some(1.0));
+    assert!((bob["weight_share"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9);
+    let tiers: Vec<&str> = r["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tier"].as_str().unwrap())
+        .collect();
+    assert_eq!(tiers, ["interactive", "batch"]);
+    let batch = &r["tiers"][1];
+    assert_eq!(batch["rejected"]["429"], shed["rejected"]["429"]);
+    assert_eq!(batch["min_share"].as_f64(), Some(0.05));
+    assert!(
+        run.stdout
+            .contains("| alice | interactive | 1 | closed 2 |"),
+        "{}",
+        run.stdout
+    );
+
+    // --only-tiers: the interactive tenant alone.
+    f.by_auth.lock().clear();
+    let run = common::run_bench(
+        &[
+            "--url",
+            &url,
+            "--model",
+            "m",
+            "--tenants",
+            path.to_str().unwrap(),
+            "--duration",
+            "500ms",
+            "--only-tiers",
+            "interactive",
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        f.by_auth.lock().keys().collect::<Vec<_>>(),
+        ["Bearer sk-alice"]
+    );
+    assert_eq!(run.report["tenants"].as_array().unwrap().len(), 1);
+    let _ = std::fs::remove_file(&path);
 }

@@ -8,8 +8,10 @@
 
 pub mod client;
 pub mod prom;
+pub mod qos;
 pub mod report;
 pub mod sse;
+pub mod tenants;
 pub mod workload;
 
 use std::sync::Arc;
@@ -107,7 +109,9 @@ struct Run {
     client: LoadClient,
     target: Target,
     specs: Mutex<Specs>,
-    records: mpsc::UnboundedSender<RequestRecord>,
+    /// Index of the tenant this load belongs to (0 in single-tenant runs), sent with each record.
+    tenant: usize,
+    records: mpsc::UnboundedSender<(usize, RequestRecord)>,
     /// Start of the run (warm-up included).
     t0: Instant,
 }
@@ -128,7 +132,7 @@ impl Run {
         )
         .await;
         // The receiver lives until every sender is gone; a send error means the run is being torn down.
-        let _ = self.records.send(rec);
+        let _ = self.records.send((self.tenant, rec));
     }
 }
 
@@ -159,6 +163,7 @@ pub async fn run(plan: Plan) -> Report {
             trace: TraceBuilder::new(plan.seed),
             next: 0,
         }),
+        tenant: 0,
         records: tx,
         t0: Instant::now(),
     });
@@ -181,7 +186,7 @@ pub async fn run(plan: Plan) -> Report {
         tokio::spawn(async move {
             let mut recs = Vec::new();
             let mut errors = 0u64;
-            while let Some(r) = rx.recv().await {
+            while let Some((_, r)) = rx.recv().await {
                 bar.inc(1);
                 if r.error.is_some() {
                     errors += 1;
@@ -215,14 +220,7 @@ pub async fn run(plan: Plan) -> Report {
     bar.finish_and_clear();
 
     let warmup_s = warmup.as_secs_f64();
-    let last_done = records
-        .iter()
-        .filter(|r| r.start >= warmup_s)
-        .map(|r| r.start + r.e2e)
-        .fold(warmup_s, f64::max);
-    let measured = (last_done - warmup_s)
-        .max(0.0)
-        .min((end - t0).as_secs_f64());
+    let measured = measured_s(&records, warmup_s, (end - t0).as_secs_f64());
 
     let after = scrape_all(&scrape_client, &plan.scrape).await;
     let before = before
@@ -241,6 +239,122 @@ pub async fn run(plan: Plan) -> Report {
     );
     report.cache_bound = cache_bound;
     report
+}
+
+/// Measured time: end of the warm-up to the last measured completion, at most the run's wall time.
+fn measured_s<'a>(
+    records: impl IntoIterator<Item = &'a RequestRecord>,
+    warmup_s: f64,
+    elapsed_s: f64,
+) -> f64 {
+    let last_done = records
+        .into_iter()
+        .filter(|r| r.start >= warmup_s)
+        .map(|r| r.start + r.e2e)
+        .fold(warmup_s, f64::max);
+    (last_done - warmup_s).max(0.0).min(elapsed_s)
+}
+
+/// A validated multi-tenant run: every tenant's load at once, on one clock.
+#[derive(Debug)]
+pub struct TenantsPlan {
+    /// Endpoint, model, API, timeout and extra headers shared by every tenant (`stream` is set per tenant, and each
+    /// tenant's key is added as `Authorization: Bearer`).
+    pub target: Target,
+    pub tenants: Vec<tenants::TenantLoad>,
+    /// Stop sending after this much measured time (warm-up excluded).
+    pub duration: Duration,
+    /// Requests sent during this first stretch are not measured.
+    pub warmup: Duration,
+    pub seed: u64,
+    /// Show a progress spinner on stderr (only when it is a terminal).
+    pub progress: bool,
+    /// Echoed into the JSON report.
+    pub config_echo: serde_json::Value,
+}
+
+/// Run every tenant's load concurrently (each its own open or closed loop, request source and in-flight cap, all
+/// from one start time) and build the per-tenant report.
+pub async fn run_tenants(plan: TenantsPlan) -> qos::QosReport {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, RequestRecord)>();
+    let client = client::load_client(plan.target.timeout.min(Duration::from_secs(10)));
+    let t0 = Instant::now();
+    let limit = Limits {
+        requests: None,
+        deadline: Some(t0 + plan.warmup + plan.duration),
+        warmup_end: t0 + plan.warmup,
+    };
+    let bar = progress_bar(plan.progress, None, Some(plan.duration + plan.warmup));
+    let n = plan.tenants.len();
+    let collector = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            let mut recs: Vec<Vec<RequestRecord>> = vec![Vec::new(); n];
+            while let Some((i, r)) = rx.recv().await {
+                bar.inc(1);
+                if let Some(v) = recs.get_mut(i) {
+                    v.push(r);
+                }
+            }
+            recs
+        })
+    };
+    let mut loads = tokio::task::JoinSet::new();
+    for (i, t) in plan.tenants.iter().enumerate() {
+        let Some(preset) = t.preset() else {
+            continue; // validated before: every tenant has a preset
+        };
+        // Each tenant draws from its own stream, seeded by its name: adding, removing or reordering tenants
+        // (`--only-tiers interactive` for the baseline) leaves every other tenant's requests and times unchanged.
+        let seed = plan.seed ^ tenants::name_seed(&t.name);
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut target = plan.target.clone();
+        target.stream = t.stream;
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("Bearer {}", t.key)) {
+            target.headers.push((hyper::header::AUTHORIZATION, v));
+        }
+        let run = Arc::new(Run {
+            client: client.clone(),
+            target,
+            specs: Mutex::new(Specs {
+                source: Source::Preset(Generator::new(preset, &mut rng)),
+                rng,
+                trace: TraceBuilder::new(seed),
+                next: 0,
+            }),
+            tenant: i,
+            records: tx.clone(),
+            t0,
+        });
+        let (mode, max_in_flight) = (t.mode(), t.max_in_flight);
+        loads.spawn(async move {
+            match mode {
+                Mode::Closed { concurrency } => {
+                    closed_loop(&run, concurrency.min(max_in_flight), &limit).await
+                }
+                Mode::Open { rate } => {
+                    open_loop(&run, Arrivals::Poisson(rate), max_in_flight, &limit).await
+                }
+                Mode::Trace { speed } => {
+                    open_loop(&run, Arrivals::Trace(speed), max_in_flight, &limit).await
+                }
+            }
+        });
+    }
+    drop(tx);
+    while loads.join_next().await.is_some() {}
+    let elapsed = t0.elapsed().as_secs_f64();
+    let records = collector.await.unwrap_or_default();
+    bar.finish_and_clear();
+    let warmup_s = plan.warmup.as_secs_f64();
+    let measured = measured_s(records.iter().flatten(), warmup_s, elapsed);
+    qos::build(
+        &plan.tenants,
+        &records,
+        warmup_s,
+        measured,
+        plan.config_echo,
+    )
 }
 
 /// vLLM's prefix-cache counters over the window, summed over targets that answered both scrapes.

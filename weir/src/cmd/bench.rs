@@ -8,8 +8,10 @@ use hyper::header::{HeaderName, HeaderValue};
 
 use crate::bench::client::{Api, Target};
 use crate::bench::report::Slo;
+use crate::bench::tenants::{self, TenantLoad};
 use crate::bench::workload::{Generator, Preset, SharedPrefix};
 use crate::bench::{self, Mode, Plan, Source};
+use policies::tenant::Tier;
 
 /// Workload presets.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -130,6 +132,33 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Multi-tenant load from a file (YAML or JSON): per tenant its API key, tier, weight, workload, rate or
+    /// concurrency, stream; see `weir/src/bench/tenants.rs`. Reports per tenant and per tier.
+    #[arg(long, conflicts_with_all = ["trace", "rate", "concurrency", "preset"])]
+    tenants: Option<std::path::PathBuf>,
+    /// A built-in multi-tenant load: `qos` (2 interactive and 2 standard tenants at a steady rate, 3 batch tenants
+    /// flooding at 10x --capacity; keys `sk-weir-bench-<tenant>`).
+    #[arg(long, value_enum, conflicts_with_all = ["trace", "rate", "concurrency"])]
+    preset: Option<TenantsPreset>,
+    /// For --preset qos: batch-workload requests per second the fleet completes at saturation (default: 52, the
+    /// simulated 8xH100 Llama-3.1-8B fleet, measured with `weir replay`).
+    #[arg(long, requires = "preset")]
+    capacity: Option<f64>,
+    /// With --tenants/--preset: run only the tenants of these tiers (comma-separated), e.g. `interactive` for the
+    /// interactive tenants alone.
+    #[arg(long, value_delimiter = ',')]
+    only_tiers: Vec<String>,
+    /// With --tenants/--preset: print the tenants (JSON) and exit without sending anything.
+    #[arg(long)]
+    print_tenants: bool,
+}
+
+/// Built-in multi-tenant loads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TenantsPreset {
+    /// Batch flood at 10x capacity against steady interactive and standard tenants.
+    Qos,
 }
 
 /// Parse `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds, for clap (`weir bench`, `weir sim`): the grammar of
@@ -192,6 +221,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(a: BenchArgs) -> anyhow::Result<()> {
+    if a.tenants.is_some() || a.preset.is_some() {
+        return run_tenants(a).await;
+    }
+    if !a.only_tiers.is_empty() || a.print_tenants {
+        bail!("--only-tiers and --print-tenants apply to --tenants and --preset only");
+    }
     let stream = !a.no_stream;
     let mode = match (a.rate, a.concurrency, &a.trace) {
         (Some(r), None, _) if r > 0.0 && !r.is_nan() => {
@@ -386,6 +421,127 @@ async fn run_async(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tenants of `--tenants FILE` or `--preset`, narrowed by `--only-tiers`.
+fn tenant_loads(a: &BenchArgs) -> anyhow::Result<Vec<TenantLoad>> {
+    let all = match (&a.tenants, a.preset) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            tenants::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        (None, Some(TenantsPreset::Qos)) => {
+            let cap = a.capacity.unwrap_or(tenants::QOS_CAPACITY_8XH100_8B);
+            if !(cap.is_finite() && cap > 0.0) {
+                bail!("--capacity must be > 0 requests per second, got {cap}");
+            }
+            tenants::qos_preset(cap)
+        }
+        (None, None) => bail!("give --tenants FILE or --preset"),
+    };
+    if a.only_tiers.is_empty() {
+        return Ok(all);
+    }
+    let tiers = a
+        .only_tiers
+        .iter()
+        .map(|t| {
+            serde_json::from_value::<Tier>(serde_json::Value::String(t.clone())).map_err(|_| {
+                anyhow::anyhow!("--only-tiers: unknown tier {t:?} (interactive, standard, batch)")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let some = tenants::only_tiers(all, &tiers);
+    if some.is_empty() {
+        bail!(
+            "--only-tiers {}: no tenant of those tiers",
+            a.only_tiers.join(",")
+        );
+    }
+    Ok(some)
+}
+
+/// `weir bench --tenants FILE | --preset qos`: every tenant's load at once, reported per tenant and tier.
+async fn run_tenants(a: BenchArgs) -> anyhow::Result<()> {
+    let loads = tenant_loads(&a)?;
+    if a.print_tenants {
+        println!("{}", serde_json::to_string_pretty(&loads)?);
+        return Ok(());
+    }
+    let Some(duration) = a.duration else {
+        bail!("--tenants/--preset need --duration");
+    };
+    if a.requests.is_some() {
+        bail!("--requests does not apply to --tenants/--preset (give --duration)");
+    }
+    if a.no_stream {
+        bail!("--no-stream does not apply to --tenants/--preset (set `stream: false` per tenant)");
+    }
+    if a.slo_ttft_ms.is_some() || a.slo_itl_ms.is_some() {
+        bail!("--slo-ttft-ms/--slo-itl-ms do not apply to --tenants/--preset");
+    }
+    if a.api_key.is_some() {
+        tracing::info!("--api-key / OPENAI_API_KEY not sent: each tenant sends its own key");
+    }
+    let headers = a
+        .headers
+        .iter()
+        .map(|h| parse_header(h))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if headers
+        .iter()
+        .any(|(k, _)| k == hyper::header::AUTHORIZATION)
+    {
+        bail!("--header Authorization: each tenant sends its own key");
+    }
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => discover_model(&a.url).await?,
+    };
+    let path = match a.api {
+        Api::Chat => "/v1/chat/completions",
+        Api::Completions => "/v1/completions",
+    };
+    let target = Target {
+        uri: join(&a.url, path)?,
+        model: model.clone(),
+        api: a.api,
+        stream: true,
+        ignore_eos: !a.no_ignore_eos,
+        headers,
+        timeout: a.timeout,
+    };
+    super::raise_nofile_limit(Some(
+        loads
+            .iter()
+            .map(|t| t.max_in_flight.min(t.concurrency.unwrap_or(usize::MAX)))
+            .sum(),
+    ));
+    let config_echo = serde_json::json!({
+        "url": a.url, "model": model, "api": a.api,
+        "tenants": a.tenants.as_ref().map(|p| p.display().to_string()),
+        "preset": a.preset, "capacity": a.capacity, "only_tiers": a.only_tiers,
+        "duration_s": duration.as_secs_f64(), "warmup_s": a.warmup.as_secs_f64(), "seed": a.seed,
+        "timeout_s": a.timeout.as_secs_f64(), "ignore_eos": !a.no_ignore_eos,
+        "loads": loads,
+    });
+    let plan = bench::TenantsPlan {
+        target,
+        tenants: loads,
+        duration,
+        warmup: a.warmup,
+        seed: a.seed,
+        progress: !a.no_progress,
+        config_echo,
+    };
+    let report = bench::run_tenants(plan).await;
+    print!("{}", bench::qos::markdown(&report));
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,6 +556,50 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         // Finite but too large for a Duration: an error, not a panic.
         assert!(parse_duration("99999999999999999999999s").is_err());
+    }
+
+    fn args(argv: &[&str]) -> Result<BenchArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: BenchArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("bench").chain(argv.iter().copied()))
+            .map(|c| c.a)
+    }
+
+    #[test]
+    fn qos_preset_scales_and_narrows_to_tiers() {
+        let all = tenant_loads(&args(&["--preset", "qos"]).unwrap()).unwrap();
+        assert_eq!(all, tenants::qos_preset(tenants::QOS_CAPACITY_8XH100_8B));
+        let some = tenant_loads(
+            &args(&[
+                "--preset",
+                "qos",
+                "--capacity",
+                "5",
+                "--only-tiers",
+                "interactive,batch",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(some.len(), 5);
+        assert!(some.iter().all(|t| t.tier != Tier::Standard));
+        assert_eq!(some[0].rate, Some(0.5));
+        let bad =
+            tenant_loads(&args(&["--preset", "qos", "--only-tiers", "gold"]).unwrap()).unwrap_err();
+        assert!(bad.to_string().contains("unknown tier \"gold\""), "{bad}");
+        let bad =
+            tenant_loads(&args(&["--preset", "qos", "--capacity", "0"]).unwrap()).unwrap_err();
+        assert!(bad.to_string().contains("--capacity must be > 0"), "{bad}");
+        // Multi-tenant loads exclude the single-tenant load flags.
+        assert!(args(&["--preset", "qos", "--rate", "3"]).is_err());
+        assert!(args(&["--tenants", "f.yaml", "--preset", "qos"]).is_err());
+        assert!(
+            args(&["--capacity", "3"]).is_err(),
+            "--capacity needs --preset"
+        );
     }
 
     #[test]
