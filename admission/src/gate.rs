@@ -224,9 +224,15 @@ impl Admission {
     /// Sets how many requests `pool` may take now (from [`policies::room::pool_room`] over its endpoint snapshot)
     /// and dispatches waiters accordingly. A pool never given room is not gated.
     pub fn set_room(&self, pool: &str, room: u32) {
+        self.set_room_reserved(pool, room, 0);
+    }
+
+    /// [`Admission::set_room`] with `reserve` of the slots kept from the batch tier
+    /// ([`policies::room::pool_room_reserved`]).
+    pub fn set_room_reserved(&self, pool: &str, room: u32, reserve: u32) {
         let p = self.pool(pool);
         let mut st = p.state.lock();
-        st.sched.set_room(room);
+        st.sched.set_room_reserved(room, reserve);
         st.dispatch();
     }
 

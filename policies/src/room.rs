@@ -39,6 +39,9 @@ pub struct RoomConfig {
     /// Requests outstanding on a pod (the larger of the scrape's running + waiting and this router's in-flight
     /// count) beyond which it takes nothing more (vLLM's default `max_num_seqs` is 256).
     pub max_in_flight: u32,
+    /// Batch sees a pod saturated this much KV use earlier (0.15: at 0.75 with `kv_limit` 0.9) and with any request
+    /// in its engine queue, so a pool that batch keeps full still has room for an interactive or standard arrival.
+    pub batch_kv_headroom: f64,
 }
 
 impl Default for RoomConfig {
@@ -50,6 +53,7 @@ impl Default for RoomConfig {
             max_age_ms: 1_000,
             burst: 8,
             max_in_flight: 256,
+            batch_kv_headroom: 0.15,
         }
     }
 }
@@ -109,6 +113,22 @@ pub fn pool_room(pods: &[PodLoad], cfg: &RoomConfig) -> u32 {
         .fold(0u32, |acc, p| acc.saturating_add(p.room(cfg)))
 }
 
+/// The thresholds batch sees: KV limit lowered by the headroom, no engine queue.
+pub fn batch_config(cfg: &RoomConfig) -> RoomConfig {
+    RoomConfig {
+        kv_limit: (cfg.kv_limit - cfg.batch_kv_headroom).max(0.0),
+        max_waiting: 1,
+        ..*cfg
+    }
+}
+
+/// The pool's room and the part of it reserved from batch (for [`crate::fair::Scheduler::set_room_reserved`]).
+pub fn pool_room_reserved(pods: &[PodLoad], cfg: &RoomConfig) -> (u32, u32) {
+    let all = pool_room(pods, cfg);
+    let batch = pool_room(pods, &batch_config(cfg));
+    (all, all.saturating_sub(batch))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +163,19 @@ mod tests {
             16
         );
         assert_eq!(pool_room(&[], &cfg), 0);
+    }
+
+    #[test]
+    fn batch_is_held_back_first_and_the_difference_is_reserved() {
+        let cfg = RoomConfig::default();
+        // KV 0.8: room for everyone but batch.
+        assert_eq!(pool_room_reserved(&[pod(0, 0.8, 0)], &cfg), (8, 8));
+        // A queued request in the engine: batch waits, the others may still add one more.
+        assert_eq!(pool_room_reserved(&[pod(1, 0.3, 0)], &cfg), (8, 8));
+        assert_eq!(
+            pool_room_reserved(&[pod(0, 0.3, 0), pod(0, 0.95, 0)], &cfg),
+            (8, 0)
+        );
     }
 
     #[test]

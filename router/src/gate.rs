@@ -12,7 +12,7 @@ use std::time::Duration;
 use admission::{Admission, Permit, Usage};
 use arc_swap::ArcSwap;
 use policies::endpoint::Role;
-use policies::room::{PodLoad, RoomConfig, pool_room};
+use policies::room::{PodLoad, RoomConfig, pool_room_reserved};
 use policies::tenant::TenantPolicySpec;
 
 use crate::config::AdmissionSettings;
@@ -30,14 +30,15 @@ pub fn build(
     Admission::from_policies(tenants.to_vec(), settings.config.clone()).map(Some)
 }
 
-/// The room of `pool` now, `None` when the pool is not gated (no pod was ever scraped).
+/// The room of `pool` now and the part of it reserved from batch, `None` when the pool is not gated (no pod was
+/// ever scraped).
 pub fn room_of(
     pool: &Pool,
     cfg: &RoomConfig,
     now: std::time::Instant,
     since_epoch: Duration,
     stale_after: Duration,
-) -> Option<u32> {
+) -> Option<(u32, u32)> {
     if !pool.endpoints.iter().any(|e| e.state.ever_scraped()) {
         return None;
     }
@@ -47,7 +48,7 @@ pub fn room_of(
         .filter(|v| v.role != Role::Prefill)
         .map(|v| PodLoad::from_view(v, cfg))
         .collect();
-    Some(pool_room(&loads, cfg))
+    Some(pool_room_reserved(&loads, cfg))
 }
 
 /// Recomputes every pool's room each `every` and hands it to admission, until the task is dropped.
@@ -73,7 +74,8 @@ pub async fn feed_room(
                 now.duration_since(epoch),
                 stale_after,
             );
-            adm.set_room(&pool.name, room.unwrap_or(u32::MAX));
+            let (room, reserve) = room.unwrap_or((u32::MAX, 0));
+            adm.set_room_reserved(&pool.name, room, reserve);
         }
     }
 }

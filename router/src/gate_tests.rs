@@ -152,8 +152,8 @@ async fn when_room_opens_the_interactive_request_goes_before_the_earlier_batch_o
     let interactive = spawn("interactive", "sk-alice");
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(f.hits.load(Ordering::SeqCst), 0);
-    // Room again, one request per 5 ms computation (`burst: 1`).
-    f.waiting.store(1, Ordering::SeqCst);
+    // Room again, one request per 5 ms computation (`burst: 1`): the interactive request goes first.
+    f.waiting.store(0, Ordering::SeqCst);
     let (a, b) = (interactive.await.unwrap(), batch.await.unwrap());
     assert_eq!(
         (a.0, b.0),
@@ -169,6 +169,28 @@ async fn when_room_opens_the_interactive_request_goes_before_the_earlier_batch_o
         "{:?}",
         seen.iter().map(|s| &s.0["prompt"]).collect::<Vec<_>>()
     );
+}
+
+#[tokio::test]
+async fn batch_is_held_while_a_pod_has_a_queue_and_the_others_are_not() {
+    let (f, url) = fake(OK).await;
+    let s = state(&tenants(&url).replace("maxWaitMs: 300", "maxWaitMs: 3000"));
+    f.waiting.store(1, Ordering::SeqCst); // one request in the engine queue: room for all tiers but batch
+    scraped(&s).await;
+    let (st, _, body) = send(&s, with_key(post("/v1/completions", PROMPT), "sk-alice")).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let batch = {
+        let s = s.clone();
+        tokio::spawn(
+            async move { send(&s, with_key(post("/v1/completions", PROMPT), "sk-bob")).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.hits.load(Ordering::SeqCst), 1, "batch held");
+    f.waiting.store(0, Ordering::SeqCst);
+    let (st, _, body) = batch.await.unwrap();
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(f.hits.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

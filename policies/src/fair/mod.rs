@@ -130,6 +130,8 @@ pub struct Scheduler {
     served: [f64; 3],
     /// Dispatch slots left until the next [`Scheduler::set_room`].
     available: u32,
+    /// Of those, slots batch may not take (headroom kept for interactive and standard; [`Scheduler::set_room_reserved`]).
+    reserve: u32,
     /// Granted, not yet started.
     granted: BTreeMap<RequestId, Grant>,
 }
@@ -142,6 +144,7 @@ impl Scheduler {
             bands: Default::default(),
             served: [0.0; 3],
             available: 0,
+            reserve: 0,
             granted: BTreeMap::new(),
         }
     }
@@ -205,7 +208,21 @@ impl Scheduler {
 
     /// Sets the number of requests the pool may take now (from [`crate::room`]); unstarted grants count against it.
     pub fn set_room(&mut self, room: u32) {
+        self.set_room_reserved(room, 0);
+    }
+
+    /// [`Scheduler::set_room`], keeping `reserve` of the slots from the batch tier: batch dispatches only while more
+    /// than `reserve` slots are left, so a pool that batch has filled to its (stricter) limit still has room for an
+    /// interactive or standard arrival. Slots freed by ending requests ([`Scheduler::add_room`]) go to batch once
+    /// the reserve is whole, so batch keeps the pace of completions and never starves.
+    pub fn set_room_reserved(&mut self, room: u32, reserve: u32) {
         self.available = room.saturating_sub(u32::try_from(self.granted.len()).unwrap_or(u32::MAX));
+        self.reserve = reserve;
+    }
+
+    /// Whether tier `rank` may take a slot now.
+    fn may_dispatch(&self, rank: usize) -> bool {
+        self.available > 0 && (rank != Tier::Batch.rank() || self.available > self.reserve)
     }
 
     /// One more request may go (a dispatched request ended).
@@ -218,10 +235,11 @@ impl Scheduler {
         self.available
     }
 
-    /// Which tier dispatches next: the highest-priority backlogged tier below its floor, else the highest backlogged.
+    /// Which tier dispatches next: the highest-priority backlogged tier below its floor, else the highest backlogged
+    /// (among tiers that may take a slot now).
     fn next_tier(&self) -> Option<usize> {
         let total: f64 = self.served.iter().sum();
-        let backlogged = (0..3).filter(|&t| self.bands[t].queued > 0);
+        let backlogged = (0..3).filter(|&t| self.bands[t].queued > 0 && self.may_dispatch(t));
         backlogged
             .clone()
             .find(|&t| {

@@ -453,3 +453,33 @@ proptest! {
         prop_assert!(served["s"] / total >= 0.18, "standard {}", served["s"] / total);
     }
 }
+
+#[test]
+fn batch_leaves_the_reserve_to_the_other_tiers_and_takes_freed_slots_beyond_it() {
+    let mut mk = Mk::new();
+    let mut s = Scheduler::new(FairConfig::default());
+    let batch: Vec<_> = (0..4)
+        .map(|_| mk.req("b", Tier::Batch, 1.0, 10, 0))
+        .collect();
+    let ids: Vec<_> = batch.iter().map(|r| r.id).collect();
+    for r in batch {
+        s.enqueue(r, 10).unwrap();
+    }
+    // 3 slots, 2 of them reserved: batch takes one.
+    s.set_room_reserved(3, 2);
+    assert_eq!(s.dispatch(), vec![ids[0]]);
+    assert_eq!(s.available(), 2);
+    // An interactive arrival takes a reserved slot at once.
+    let i = mk.req("i", Tier::Interactive, 1.0, 10, 0);
+    let iid = i.id;
+    s.enqueue(i, 10).unwrap();
+    assert_eq!(s.dispatch(), vec![iid]);
+    // A freed slot beyond the reserve goes to batch: it keeps the pace of completions.
+    s.add_room(1);
+    assert!(s.dispatch().is_empty(), "2 slots left, both reserved");
+    s.add_room(1);
+    assert_eq!(s.dispatch(), vec![ids[1]]);
+    // Without a reserve batch takes everything.
+    s.set_room(5);
+    assert_eq!(s.dispatch(), vec![ids[2], ids[3]]);
+}

@@ -36,6 +36,9 @@ pub struct RawAdmission {
     pub burst: Option<u32>,
     /// Requests outstanding on a pod beyond which it takes nothing more (default 256, vLLM's `max_num_seqs`).
     pub max_in_flight: Option<u32>,
+    /// Batch sees pods saturated at this much less KV use (default 0.15) and with any engine queue: the headroom
+    /// kept for interactive and standard arrivals.
+    pub batch_kv_headroom: Option<f64>,
     /// How often each pool's room is recomputed from the pods' state (default 10ms).
     pub refresh: Option<String>,
     /// Requests waiting per tier and pool before arrivals of that tier get 429 (default 5000).
@@ -131,6 +134,10 @@ impl RawAdmission {
             max_age_ms: defaults.max_age_ms,
             burst: self.burst.unwrap_or(defaults.burst).max(1),
             max_in_flight: self.max_in_flight.unwrap_or(defaults.max_in_flight),
+            batch_kv_headroom: self
+                .batch_kv_headroom
+                .unwrap_or(defaults.batch_kv_headroom)
+                .clamp(0.0, 1.0),
         });
         Ok(AdmissionSettings {
             enabled: self.enabled.unwrap_or(true),

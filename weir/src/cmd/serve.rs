@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// ... reported as this pool (served model name unless config names the pool).
     #[arg(long)]
     k8s_pool: Option<String>,
+    /// Admission off: no tenants, tier queues, dispatch gating or usage ledger (plain routing; the config's
+    /// `admission: {enabled: false}`).
+    #[arg(long)]
+    no_admission: bool,
     /// Worker threads (default: number of cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -141,6 +145,9 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<router::config::Config> {
     }
     if args.listen.is_some() {
         raw.listen.clone_from(&args.listen);
+    }
+    if args.no_admission {
+        raw.admission.enabled = Some(false);
     }
     let set = |dst: &mut Option<String>, src: &Option<String>| {
         if src.is_some() {
