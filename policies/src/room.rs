@@ -39,6 +39,9 @@ pub struct RoomConfig {
     /// Requests outstanding on a pod (the larger of the scrape's running + waiting and this router's in-flight
     /// count) beyond which it takes nothing more (vLLM's default `max_num_seqs` is 256).
     pub max_in_flight: u32,
+    /// Requests outstanding on a pod beyond which batch takes nothing more (48): a decode step's time grows with
+    /// the batch, and every interactive token waits for those steps.
+    pub batch_max_in_flight: u32,
     /// Batch sees a pod saturated this much KV use earlier (0.15: at 0.75 with `kv_limit` 0.9) and with any request
     /// in its engine queue, so a pool that batch keeps full still has room for an interactive or standard arrival.
     pub batch_kv_headroom: f64,
@@ -53,6 +56,7 @@ impl Default for RoomConfig {
             max_age_ms: 1_000,
             burst: 8,
             max_in_flight: 256,
+            batch_max_in_flight: 48,
             batch_kv_headroom: 0.15,
         }
     }
@@ -71,12 +75,18 @@ pub struct PodLoad {
     pub kv_usage: f64,
     /// Uncached prompt tokens sent and not yet at first token.
     pub prefill_backlog_tokens: u64,
+    /// KV use the pod's in-flight requests will reach: their prompt + expected output tokens (this router's
+    /// count, fresh at every pick) over the pod's KV capacity; 0 when the capacity is unknown. A scrape shows only
+    /// what requests hold now, and decoding requests keep growing: gating on it alone lets a pool fill to
+    /// preemption.
+    pub projected_kv: f64,
 }
 
 impl PodLoad {
-    /// From the router's endpoint view: scraped queue and KV use, the router's own in-flight count and prefill
-    /// backlog; stale or unavailable endpoints are not fresh.
-    pub fn from_view(v: &EndpointView, cfg: &RoomConfig) -> Self {
+    /// From the router's endpoint view and the pod's KV capacity in tokens (0 = unknown): scraped queue and KV
+    /// use, the router's own in-flight count, tokens and prefill backlog; stale or unavailable endpoints are not
+    /// fresh.
+    pub fn from_view(v: &EndpointView, kv_capacity_tokens: u64, cfg: &RoomConfig) -> Self {
         match v.scraped {
             Some(s) if v.available && s.age_ms <= cfg.max_age_ms => Self {
                 fresh: true,
@@ -84,6 +94,11 @@ impl PodLoad {
                 outstanding: u32::try_from(v.outstanding()).unwrap_or(u32::MAX),
                 kv_usage: s.kv_usage,
                 prefill_backlog_tokens: v.prefill_tokens,
+                projected_kv: if kv_capacity_tokens == 0 {
+                    0.0
+                } else {
+                    v.in_flight_tokens as f64 / kv_capacity_tokens as f64
+                },
             },
             _ => Self::default(),
         }
@@ -93,6 +108,7 @@ impl PodLoad {
     pub fn saturated(&self, cfg: &RoomConfig) -> bool {
         !self.fresh
             || self.kv_usage >= cfg.kv_limit
+            || self.projected_kv >= cfg.kv_limit
             || self.waiting >= cfg.max_waiting
             || self.prefill_backlog_tokens >= cfg.max_prefill_tokens
     }
@@ -113,11 +129,12 @@ pub fn pool_room(pods: &[PodLoad], cfg: &RoomConfig) -> u32 {
         .fold(0u32, |acc, p| acc.saturating_add(p.room(cfg)))
 }
 
-/// The thresholds batch sees: KV limit lowered by the headroom, no engine queue.
+/// The thresholds batch sees: KV limit lowered by the headroom, no engine queue, fewer requests per pod.
 pub fn batch_config(cfg: &RoomConfig) -> RoomConfig {
     RoomConfig {
         kv_limit: (cfg.kv_limit - cfg.batch_kv_headroom).max(0.0),
         max_waiting: 1,
+        max_in_flight: cfg.batch_max_in_flight.min(cfg.max_in_flight),
         ..*cfg
     }
 }
@@ -141,6 +158,7 @@ mod tests {
             outstanding: 8 + waiting,
             kv_usage: kv,
             prefill_backlog_tokens: backlog,
+            projected_kv: 0.0,
         }
     }
 
@@ -195,7 +213,7 @@ mod tests {
                 age_ms: 50,
             }),
         };
-        let p = PodLoad::from_view(&v, &cfg);
+        let p = PodLoad::from_view(&v, 0, &cfg);
         assert_eq!(
             (p.waiting, p.outstanding, p.prefill_backlog_tokens),
             (0, 9, 100)
@@ -204,9 +222,9 @@ mod tests {
         // Sends since the scrape raise the prefill backlog at once: past the limit the pod is held back before
         // any scrape shows its queue.
         v.prefill_tokens = 16_384;
-        assert_eq!(PodLoad::from_view(&v, &cfg).room(&cfg), 0);
+        assert_eq!(PodLoad::from_view(&v, 0, &cfg).room(&cfg), 0);
         v.available = false;
-        assert!(!PodLoad::from_view(&v, &cfg).fresh);
+        assert!(!PodLoad::from_view(&v, 0, &cfg).fresh);
         v.available = true;
         v.scraped = Some(ScrapedLoad {
             waiting: 0,
@@ -214,6 +232,6 @@ mod tests {
             kv_usage: 0.0,
             age_ms: 5_000,
         });
-        assert!(!PodLoad::from_view(&v, &cfg).fresh, "stale scrape");
+        assert!(!PodLoad::from_view(&v, 0, &cfg).fresh, "stale scrape");
     }
 }

@@ -46,7 +46,12 @@ pub fn room_of(
         .iter()
         // Requests are dispatched to decode-capable pods; a prefill pod's work is the decode pod's prefill leg.
         .filter(|v| v.role != Role::Prefill)
-        .map(|v| PodLoad::from_view(v, cfg))
+        .map(|v| {
+            let st = &pool.endpoints[v.index].state;
+            let blocks = st.num_gpu_blocks.load(std::sync::atomic::Ordering::Relaxed);
+            let block = u64::from(st.block_size.load(std::sync::atomic::Ordering::Relaxed));
+            PodLoad::from_view(v, blocks.saturating_mul(block), cfg)
+        })
         .collect();
     Some(pool_room_reserved(&loads, cfg))
 }

@@ -36,6 +36,8 @@ pub struct RawAdmission {
     pub burst: Option<u32>,
     /// Requests outstanding on a pod beyond which it takes nothing more (default 256, vLLM's `max_num_seqs`).
     pub max_in_flight: Option<u32>,
+    /// Requests outstanding on a pod beyond which batch takes nothing more (default 48).
+    pub batch_max_in_flight: Option<u32>,
     /// Batch sees pods saturated at this much less KV use (default 0.15) and with any engine queue: the headroom
     /// kept for interactive and standard arrivals.
     pub batch_kv_headroom: Option<f64>,
@@ -134,6 +136,9 @@ impl RawAdmission {
             max_age_ms: defaults.max_age_ms,
             burst: self.burst.unwrap_or(defaults.burst).max(1),
             max_in_flight: self.max_in_flight.unwrap_or(defaults.max_in_flight),
+            batch_max_in_flight: self
+                .batch_max_in_flight
+                .unwrap_or(defaults.batch_max_in_flight),
             batch_kv_headroom: self
                 .batch_kv_headroom
                 .unwrap_or(defaults.batch_kv_headroom)
