@@ -22,6 +22,8 @@ pub mod decisions;
 pub mod discovery;
 pub mod error;
 pub mod execute;
+#[cfg(test)]
+mod front_door_tests;
 pub mod gate;
 #[cfg(test)]
 mod gate_tests;

@@ -86,7 +86,19 @@ pub async fn identify(
         return Err(too_large(limit));
     }
     let (parts, body) = req.into_parts();
-    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    // A client that sends its head and then trickles (or stalls) its body is cut off after `body_read_timeout`.
+    let read = axum::body::to_bytes(body, limit);
+    let read = tokio::time::timeout(app.front_door.body_read_timeout, read)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                408,
+                "invalid_request_error",
+                "The request body was not received in time.",
+            )
+            .with_code("request_timeout")
+        })?;
+    let bytes: Bytes = read.map_err(|e| {
         let over = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");

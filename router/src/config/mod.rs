@@ -36,6 +36,7 @@
 //! scrape: {interval: 100ms, timeout: 1s, stale_after: 1s}
 //! max_body_bytes: 8388608
 //! drain_timeout: 30s
+//! front_door: {header_read_timeout: 10s, body_read_timeout: 30s, max_connections: 65536}   # config::front_door
 //! tenants:                           # TenantPolicy specs (camelCase, as the CRD); none: one implicit tenant
 //!   - tenant: acme
 //!     tier: interactive              # interactive | standard | batch
@@ -66,8 +67,10 @@ use serde::Deserialize;
 use crate::Error;
 
 mod admission;
+mod front_door;
 
 pub use self::admission::{AdmissionSettings, RawAdmission, validate_tenants};
+pub use self::front_door::{FrontDoorConfig, RawFrontDoor};
 
 /// Top-level YAML document.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -109,6 +112,9 @@ pub struct RawConfig {
     /// Admission: ledger, admin keys, dispatch gating.
     #[serde(default)]
     pub admission: RawAdmission,
+    /// Client connection limits: header/body read timeouts, connection cap.
+    #[serde(default)]
+    pub front_door: RawFrontDoor,
 }
 
 /// Decision-record settings in YAML.
@@ -397,6 +403,8 @@ pub struct Config {
     pub tenants: Vec<policies::tenant::TenantPolicySpec>,
     /// Admission settings.
     pub admission: AdmissionSettings,
+    /// Client connection limits.
+    pub front_door: FrontDoorConfig,
 }
 
 /// A validated static endpoint.
@@ -1133,6 +1141,7 @@ impl RawConfig {
         }
         validate_tenants(&self.tenants)?;
         let admission = self.admission.validate()?;
+        let front_door = self.front_door.validate()?;
         Ok(Config {
             listen,
             pools,
@@ -1146,6 +1155,7 @@ impl RawConfig {
             decisions_size,
             tenants: self.tenants,
             admission,
+            front_door,
         })
     }
 }
