@@ -198,3 +198,85 @@ async fn every_response_carries_the_security_headers() {
         assert_eq!(h["cache-control"], "no-store", "{path}");
     }
 }
+
+/// A pod that records the headers of each completion request it gets.
+async fn recording_pod() -> (Arc<parking_lot::Mutex<Vec<hyper::HeaderMap>>>, String) {
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let r = axum::Router::new().route(
+        "/v1/completions",
+        axum::routing::post(move |h: hyper::HeaderMap| async move {
+            s.lock().push(h);
+            axum::Json(
+                serde_json::json!({"id":"cmpl-1","object":"text_completion","model":"m",
+                "choices":[{"index":0,"text":"hi","finish_reason":"length"}],
+                "usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}),
+            )
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, r).await.ok() });
+    (seen, url)
+}
+
+#[tokio::test]
+async fn client_credentials_never_reach_the_pods_and_a_pool_key_does() {
+    let (keyed, a) = recording_pod().await;
+    let (open, b) = recording_pod().await;
+    let key = policies::tenant::ApiKeyHash::of("sk-alice").to_hex();
+    let s = state(&format!(
+        "pools:\n\
+         - {{name: a, endpoints: ['{a}'], api_key: pod-secret}}\n\
+         - {{name: b, endpoints: ['{b}']}}\n\
+         tenants: [{{tenant: alice, identity: {{apiKeys: [{{sha256: '{key}'}}]}}}}]\n\
+         admission: {{gate: false}}"
+    ));
+    for model in ["a", "b"] {
+        let mut req = post(
+            "/v1/completions",
+            &format!(r#"{{"model":"{model}","prompt":"hello","max_tokens":3}}"#),
+        );
+        let h = req.headers_mut();
+        h.insert("authorization", "Bearer sk-alice".parse().unwrap());
+        h.insert("x-api-key", "sk-alice".parse().unwrap());
+        h.insert("cookie", "session=s3cret".parse().unwrap());
+        h.insert("x-session-id", "conv-1".parse().unwrap());
+        let (st, _, body) = send(&s, req).await;
+        assert_eq!(st, StatusCode::OK, "{model}: {body}");
+    }
+    let keyed = keyed.lock();
+    let open = open.lock();
+    assert_eq!((keyed.len(), open.len()), (1, 1));
+    assert_eq!(keyed[0]["authorization"], "Bearer pod-secret");
+    assert!(!open[0].contains_key("authorization"), "{:?}", open[0]);
+    for h in [&keyed[0], &open[0]] {
+        assert!(!h.contains_key("x-api-key"), "{h:?}");
+        assert!(!h.contains_key("cookie"), "{h:?}");
+        assert_eq!(
+            h["x-session-id"], "conv-1",
+            "other client headers still pass"
+        );
+    }
+}
+
+#[test]
+fn a_pool_key_is_validated_and_never_printed() {
+    let c = crate::config::RawConfig::from_yaml(
+        "pools: [{name: a, endpoints: ['http://127.0.0.1:1'], api_key: pod-secret}]",
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    assert!(!format!("{c:?}").contains("pod-secret"));
+    for bad in ["''", "'two words'"] {
+        let e = crate::config::RawConfig::from_yaml(&format!(
+            "pools: [{{name: a, endpoints: ['http://127.0.0.1:1'], api_key: {bad}}}]"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("pools[0].api_key"), "{e}");
+    }
+}

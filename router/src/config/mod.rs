@@ -25,6 +25,8 @@
 //!                                    # non_cached_tokens 0 = no P/D; see policies::pick::pd for each knob
 //!       tokenizer: byte              # tokenizer + Llama-3 chat template the pods use; or {hf: /path/tokenizer.json}
 //!       block_size: 16               # tokens per hashed block (the engine's block size for precise-prefix)
+//!     api_key: "<key>"               # the key the pods expect (vLLM --api-key), sent as Bearer; clients' own
+//!                                    # Authorization / x-api-key are never forwarded
 //! decisions: {size: 1024}            # decision-record ring for /debug/decisions
 //! models:                            # optional: client-facing names, aliases and weighted splits
 //!   - name: llama
@@ -55,6 +57,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use hyper::header::HeaderValue;
 use policies::endpoint::Role;
 use policies::pick::breaker::BreakerConfig;
 use policies::pick::budget::RetryBudget;
@@ -196,6 +199,9 @@ pub struct RawPool {
     /// GPU type of every endpoint in the pool that does not name its own.
     #[serde(default)]
     pub gpu: Option<String>,
+    /// The API key the pool's pods expect (vLLM `--api-key`), sent upstream as `Authorization: Bearer <key>`.
+    #[serde(default)]
+    pub api_key: Option<String>,
 }
 
 /// Scheduling policy in YAML, tagged by `kind`.
@@ -512,6 +518,8 @@ pub struct PoolConfig {
     /// Static endpoints, URLs validated as `http://host:port`.
     pub endpoints: Vec<EndpointConfig>,
     pub policy: PolicyConfig,
+    /// `Bearer <api_key>` for the pods (marked sensitive: `Debug` does not print it); `None`: no `Authorization`.
+    pub upstream_auth: Option<HeaderValue>,
 }
 
 /// Validated scheduling policy; [`PolicyConfig::build`] makes the pipeline.
@@ -639,6 +647,20 @@ pub fn parse_duration(field: &str, s: &str) -> Result<Duration, Error> {
     // Also rejects negatives, NaN and values too large for a Duration (which would otherwise panic).
     Duration::try_from_secs_f64(secs)
         .map_err(|_| invalid(field, format!("`{s}` is not a usable duration")))
+}
+
+/// `Bearer <key>` as a sensitive header value; the key must be non-empty visible ASCII without spaces.
+fn bearer(field: &str, key: &str) -> Result<HeaderValue, Error> {
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            "must be non-empty visible ASCII without spaces",
+        ));
+    }
+    let mut v = HeaderValue::from_str(&format!("Bearer {key}"))
+        .map_err(|_| invalid(field, "not a valid header value"))?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 fn dur(field: &str, v: &Option<String>, default: Duration) -> Result<Duration, Error> {
@@ -953,6 +975,7 @@ impl RawConfig {
                 endpoints: urls,
                 policy: None,
                 gpu: None,
+                api_key: None,
             });
         }
         Ok(())
@@ -1025,11 +1048,17 @@ impl RawConfig {
                 )?);
             }
             let policy = validate_policy(&format!("{f}.policy"), p.policy)?;
+            let upstream_auth = p
+                .api_key
+                .as_deref()
+                .map(|k| bearer(&format!("{f}.api_key"), k))
+                .transpose()?;
             pools.push(PoolConfig {
                 model: p.model.unwrap_or_else(|| p.name.clone()),
                 name: p.name,
                 endpoints,
                 policy,
+                upstream_auth,
             });
         }
         pools.sort_by(|a, b| a.name.cmp(&b.name));
