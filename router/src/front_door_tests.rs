@@ -280,3 +280,36 @@ fn a_pool_key_is_validated_and_never_printed() {
         assert!(e.contains("pools[0].api_key"), "{e}");
     }
 }
+
+fn chat_of(n: usize) -> String {
+    let m = vec![serde_json::json!({"role": "user", "content": "word"}); n];
+    serde_json::json!({"model": "m", "messages": m, "max_tokens": 3}).to_string()
+}
+
+#[tokio::test]
+async fn a_chat_over_the_message_cap_is_refused_before_any_work() {
+    let (f, url) = fake(OK).await;
+    // The default cap: 50,000 one-word messages (about 1.75 MB, under the body limit) are refused at once.
+    let s = state(&format!("pools: [{{name: m, endpoints: ['{url}']}}]"));
+    let (st, _, body) = send(&s, post("/v1/chat/completions", &chat_of(50_000))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(err_code(&body), "array_above_max_length");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["param"], "messages");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum length 2048"),
+        "{body}"
+    );
+    // A configured cap: at the cap served, one over refused; the pod saw only the first.
+    let s = state(&format!(
+        "pools: [{{name: m, endpoints: ['{url}']}}]\nfront_door: {{max_messages: 3}}"
+    ));
+    let (st, _, body) = send(&s, post("/v1/chat/completions", &chat_of(3))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (st, _, body) = send(&s, post("/v1/chat/completions", &chat_of(4))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(f.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -113,6 +113,18 @@ pub async fn identify(
         }
     })?;
     let view = View::parse(api, bytes)?;
+    let max = app.front_door.max_messages;
+    if view.messages > max {
+        return Err(ApiError::invalid_request(
+            format!(
+                "Invalid 'messages': array too long. Expected an array with maximum length {max}, but got an array \
+                 with length {} instead.",
+                view.messages
+            ),
+            Some("messages"),
+            "array_above_max_length",
+        ));
+    }
     Ok((parts.headers, view, tenant))
 }
 

@@ -1,7 +1,7 @@
 //! `front_door:` in the YAML config: how long and how many client connections the router tolerates.
 //!
 //! ```yaml
-//! front_door: {header_read_timeout: 10s, body_read_timeout: 30s, max_connections: 65536}
+//! front_door: {header_read_timeout: 10s, body_read_timeout: 30s, max_connections: 65536, max_messages: 2048}
 //! ```
 
 use std::time::Duration;
@@ -22,6 +22,9 @@ pub struct RawFrontDoor {
     pub body_read_timeout: Option<String>,
     /// Client connections open at once; more wait in the listen backlog (default 65536).
     pub max_connections: Option<usize>,
+    /// Messages a chat request may carry; more are refused with 400 before any rendering or tokenizing (default
+    /// 2048).
+    pub max_messages: Option<usize>,
 }
 
 /// Validated front-door limits.
@@ -33,6 +36,8 @@ pub struct FrontDoorConfig {
     pub body_read_timeout: Duration,
     /// Client connections served at once.
     pub max_connections: usize,
+    /// Messages per chat request.
+    pub max_messages: usize,
 }
 
 impl Default for FrontDoorConfig {
@@ -41,6 +46,7 @@ impl Default for FrontDoorConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_connections: 65_536,
+            max_messages: 2048,
         }
     }
 }
@@ -72,10 +78,15 @@ impl RawFrontDoor {
                 "must be in 1..=16777216",
             ));
         }
+        let max_messages = self.max_messages.unwrap_or(d.max_messages);
+        if max_messages == 0 {
+            return Err(invalid("front_door.max_messages", "must be >= 1"));
+        }
         Ok(FrontDoorConfig {
             header_read_timeout,
             body_read_timeout,
             max_connections,
+            max_messages,
         })
     }
 }
@@ -90,7 +101,7 @@ mod tests {
         let c = RawConfig::default().validate().unwrap();
         assert_eq!(c.front_door, FrontDoorConfig::default());
         let c = RawConfig::from_yaml(
-            "front_door: {header_read_timeout: 500ms, body_read_timeout: 2s, max_connections: 8}",
+            "front_door: {header_read_timeout: 500ms, body_read_timeout: 2s, max_connections: 8, max_messages: 3}",
         )
         .unwrap()
         .validate()
@@ -100,7 +111,8 @@ mod tests {
             FrontDoorConfig {
                 header_read_timeout: Duration::from_millis(500),
                 body_read_timeout: Duration::from_secs(2),
-                max_connections: 8
+                max_connections: 8,
+                max_messages: 3,
             }
         );
     }
@@ -120,6 +132,7 @@ mod tests {
                 "front_door: {body_read_timeout: 0ms}",
                 "front_door.body_read_timeout",
             ),
+            ("front_door: {max_messages: 0}", "front_door.max_messages"),
             ("front_door: {idle: 1s}", "idle"),
         ] {
             let e = RawConfig::from_yaml(yaml)

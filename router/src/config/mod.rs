@@ -38,7 +38,7 @@
 //! scrape: {interval: 100ms, timeout: 1s, stale_after: 1s}
 //! max_body_bytes: 8388608
 //! drain_timeout: 30s
-//! front_door: {header_read_timeout: 10s, body_read_timeout: 30s, max_connections: 65536}   # config::front_door
+//! front_door: {header_read_timeout: 10s, body_read_timeout: 30s, max_connections: 65536, max_messages: 2048}
 //! tenants:                           # TenantPolicy specs (camelCase, as the CRD); none: one implicit tenant
 //!   - tenant: acme
 //!     tier: interactive              # interactive | standard | batch
