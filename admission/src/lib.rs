@@ -33,6 +33,7 @@
 
 mod gate;
 pub mod ledger;
+pub mod limits;
 mod metrics;
 mod tenants;
 #[cfg(test)]
@@ -46,6 +47,7 @@ use policies::tenant::{ApiKeyHash, InvalidPolicy};
 
 pub use gate::{Admission, AdmitRequest, Permit, Usage};
 pub use ledger::{Counters, LedgerConfig, UsageRow};
+pub use limits::{LimitState, RateHeaders};
 pub use tenants::{DEFAULT_TENANT, Identity, OTHER_LABEL};
 pub use watcher::PolicyWatcher;
 
@@ -118,6 +120,14 @@ pub enum RejectReason {
     TenantQueueFull,
     /// The request's deadline passed while it waited (429).
     DeadlineExceeded,
+    /// The tenant's requests-per-minute limit (429).
+    RequestLimit,
+    /// The tenant's tokens-per-minute limit (429).
+    TokenLimit,
+    /// The tenant's in-flight limit (429).
+    ConcurrencyLimit,
+    /// `prompt + max_tokens` above the tenant's whole TPM: can never pass (413, not retryable).
+    TooManyTokens,
 }
 
 impl RejectReason {
@@ -128,7 +138,11 @@ impl RejectReason {
             RejectReason::ModelNotAllowed => 403,
             RejectReason::QueueFull
             | RejectReason::TenantQueueFull
-            | RejectReason::DeadlineExceeded => 429,
+            | RejectReason::DeadlineExceeded
+            | RejectReason::RequestLimit
+            | RejectReason::TokenLimit
+            | RejectReason::ConcurrencyLimit => 429,
+            RejectReason::TooManyTokens => 413,
         }
     }
 
@@ -141,6 +155,9 @@ impl RejectReason {
             RejectReason::QueueFull => "queue_full",
             RejectReason::TenantQueueFull => "tenant_queue_full",
             RejectReason::DeadlineExceeded => "queue_timeout",
+            RejectReason::RequestLimit | RejectReason::TokenLimit => "rate_limit_exceeded",
+            RejectReason::ConcurrencyLimit => "concurrency_limit_exceeded",
+            RejectReason::TooManyTokens => "request_too_large",
         }
     }
 
@@ -149,6 +166,10 @@ impl RejectReason {
         match self {
             RejectReason::MissingApiKey | RejectReason::InvalidApiKey => "authentication_error",
             RejectReason::ModelNotAllowed => "permission_error",
+            // OpenAI's types for RPM / TPM denials.
+            RejectReason::RequestLimit => "requests",
+            RejectReason::TokenLimit => "tokens",
+            RejectReason::TooManyTokens => "invalid_request_error",
             _ => "rate_limit_error",
         }
     }
@@ -164,6 +185,8 @@ pub struct Reject {
     pub retry_after: Option<Duration>,
     /// Message safe to show the client.
     pub message: String,
+    /// The tenant's limit states when a limit was checked (for `x-ratelimit-*` headers).
+    pub rate: Option<RateHeaders>,
 }
 
 impl Reject {
@@ -177,7 +200,14 @@ impl Reject {
             reason,
             retry_after,
             message: message.into(),
+            rate: None,
         }
+    }
+
+    /// With the tenant's limit states.
+    pub fn with_rate(mut self, rate: RateHeaders) -> Self {
+        self.rate = Some(rate);
+        self
     }
 
     /// The OpenAI-shaped error (status, type, code); `Retry-After` is the caller's header from [`Reject::retry_after`].

@@ -31,6 +31,8 @@ mod gate_tests;
 mod handler_tests;
 pub mod ids;
 pub mod kv_index;
+#[cfg(test)]
+mod limit_tests;
 pub mod metrics;
 pub mod pd;
 pub mod pipeline;

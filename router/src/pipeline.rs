@@ -178,7 +178,11 @@ pub async fn admit(
                 _ = gone => return Err(ApiError::new(499, "invalid_request_error", "The client went away.")),
             },
         }
-        .map_err(|r| crate::gate::rejected(&r))?;
+        .map_err(|r| {
+            ctx.rate = r.rate;
+            crate::gate::rejected(&r)
+        })?;
+        ctx.rate = Some(permit.rate);
         ctx.permit = Some(permit);
     }
     let model = route.name.clone();
@@ -280,12 +284,15 @@ async fn serve(app: Arc<AppState>, mut ctx: Ctx, gone: Option<Gone>) -> Response
         Ok(p) => p,
         Err(e) => {
             app.count(&model, e.status);
-            return respond(&e, &ctx.request_id);
+            let mut r = respond(&e, &ctx.request_id);
+            crate::gate::rate_headers(r.headers_mut(), ctx.rate.as_ref());
+            return r;
         }
     };
     let series = admitted.series.clone();
-    let (resp, outcome) = proxy(&app, &snap, &mut ctx, admitted, plan).await;
+    let (mut resp, outcome) = proxy(&app, &snap, &mut ctx, admitted, plan).await;
     account(&app, &model, &series, &outcome, ctx.permit.take());
+    crate::gate::rate_headers(resp.headers_mut(), ctx.rate.as_ref());
     resp
 }
 
