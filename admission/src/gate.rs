@@ -103,6 +103,8 @@ pub(crate) struct Inner {
     metrics: Metrics,
     /// RPM / TPM / concurrency per tenant (in process).
     limiter: Arc<Limiter>,
+    /// RPM / TPM shared by replicas in Redis, when configured.
+    shared: Option<Arc<crate::shared::Shared>>,
 }
 
 /// Tenant admission. Cheap to clone (one `Arc`).
@@ -118,6 +120,10 @@ impl Admission {
     pub fn from_policies(specs: Vec<TenantPolicySpec>, cfg: AdmissionConfig) -> Result<Admission> {
         let table = TenantTable::build(&specs, cfg.max_tenant_labels)?;
         let ledger = Ledger::open(&cfg.ledger)?;
+        let shared = match &cfg.redis {
+            Some(url) => Some(crate::shared::Shared::new(url).map_err(crate::Error::Redis)?),
+            None => None,
+        };
         if cfg.ledger.path.is_some() {
             ledger.spawn_flusher(cfg.ledger.flush_interval);
         }
@@ -130,6 +136,7 @@ impl Admission {
                 ledger,
                 metrics: Metrics::default(),
                 limiter: Arc::new(Limiter::new(tokio::time::Instant::now().into_std())),
+                shared,
             }),
         })
     }
@@ -316,19 +323,26 @@ impl Admission {
         let cfg = &self.inner.cfg;
         let reserve_tokens =
             req.prompt_tokens + req.max_tokens.unwrap_or(cfg.default_output_tokens);
-        let reservation =
-            match self
-                .inner
-                .limiter
-                .reserve(&rules.tenant, &rules.limits, reserve_tokens, now)
-            {
-                Ok(r) => r,
-                Err(reject) => {
-                    self.inner.ledger.record(&key, |c| c.rejected += 1);
-                    self.count_decision(&label, rules.tier, "rejected", reject.reason.as_str());
-                    return Err(reject);
-                }
-            };
+        let reservation = match self
+            .inner
+            .limiter
+            .reserve_any(
+                self.inner.shared.as_ref(),
+                &self.inner.metrics.fail_open,
+                &rules.tenant,
+                &rules.limits,
+                reserve_tokens,
+                now,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(reject) => {
+                self.inner.ledger.record(&key, |c| c.rejected += 1);
+                self.count_decision(&label, rules.tier, "rejected", reject.reason.as_str());
+                return Err(reject);
+            }
+        };
         let max_wait_deadline = now + rules.queue.max_wait;
         let deadline = req
             .deadline

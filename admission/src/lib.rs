@@ -35,6 +35,7 @@ mod gate;
 pub mod ledger;
 pub mod limits;
 mod metrics;
+pub mod shared;
 mod tenants;
 #[cfg(test)]
 mod tests;
@@ -60,6 +61,9 @@ pub enum Error {
     /// The ledger store failed.
     #[error("usage ledger: {0}")]
     Ledger(#[source] redb::Error),
+    /// The shared limiter's Redis URL is invalid.
+    #[error("admission.redis: {0}")]
+    Redis(#[source] redis::RedisError),
 }
 
 impl Error {
@@ -68,6 +72,7 @@ impl Error {
         match self {
             Error::InvalidPolicy(_) => "invalid_policy",
             Error::Ledger(_) => "ledger",
+            Error::Redis(_) => "redis",
         }
     }
 }
@@ -90,6 +95,8 @@ pub struct AdmissionConfig {
     pub max_output_estimate: u64,
     /// Hashes of admin keys (may read every tenant's usage).
     pub admin_keys: Vec<ApiKeyHash>,
+    /// `redis://host:port` of the RPM / TPM limits shared by replicas ([`shared`]); `None`: in process only.
+    pub redis: Option<String>,
 }
 
 impl Default for AdmissionConfig {
@@ -101,6 +108,7 @@ impl Default for AdmissionConfig {
             default_output_tokens: 128,
             max_output_estimate: 2048,
             admin_keys: Vec::new(),
+            redis: None,
         }
     }
 }

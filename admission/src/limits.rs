@@ -11,7 +11,36 @@ use parking_lot::Mutex;
 use policies::gcra::{self, Rate, Verdict};
 use policies::tenant::Limits;
 
+use crate::shared::{Decision, Shared};
 use crate::{Reject, RejectReason};
+
+fn too_large(tenant: &str, tokens: u64, limit: u64) -> Reject {
+    Reject::new(
+        RejectReason::TooManyTokens,
+        None,
+        format!(
+            "This request needs {tokens} tokens (prompt + max_tokens), more than tenant `{tenant}`'s limit of \
+             {limit} tokens per minute."
+        ),
+    )
+}
+
+fn denied(tenant: &str, requests: bool, limit: u64, need: u64, retry: Duration) -> Reject {
+    let (kind, reason) = if requests {
+        ("requests", RejectReason::RequestLimit)
+    } else {
+        ("tokens", RejectReason::TokenLimit)
+    };
+    Reject::new(
+        reason,
+        Some(retry),
+        format!(
+            "Rate limit reached for tenant `{tenant}` on {kind} per min (RPM/TPM): Limit {limit}, Requested {need}. \
+             Please try again in {}ms.",
+            retry.as_millis()
+        ),
+    )
+}
 
 /// One tenant's limiter state.
 #[derive(Debug, Default, Clone, Copy)]
@@ -93,39 +122,13 @@ impl Limiter {
             tokens: tpm.map(|r| state(&r, st.tpm)),
         };
         if let Some((r, Verdict::TooLarge)) = tv {
-            let reject = Reject::new(
-                RejectReason::TooManyTokens,
-                None,
-                format!(
-                    "This request needs {tokens} tokens (prompt + max_tokens), more than tenant `{tenant}`'s limit \
-                     of {} tokens per minute.",
-                    r.limit
-                ),
-            );
-            return Err(reject.with_rate(current));
+            return Err(too_large(tenant, tokens, r.limit).with_rate(current));
         }
-        let deny = |kind: &str, r: &Rate, need: u64, retry: Duration, reason| {
-            Reject::new(
-                reason,
-                Some(retry),
-                format!(
-                    "Rate limit reached for tenant `{tenant}` on {kind} per min (RPM/TPM): Limit {}, Requested {need}. \
-                     Please try again in {}ms.",
-                    r.limit,
-                    retry.as_millis()
-                ),
-            )
-        };
         if let Some((r, Verdict::Deny { retry_after, .. })) = rv {
-            return Err(
-                deny("requests", &r, 1, retry_after, RejectReason::RequestLimit).with_rate(current),
-            );
+            return Err(denied(tenant, true, r.limit, 1, retry_after).with_rate(current));
         }
         if let Some((r, Verdict::Deny { retry_after, .. })) = tv {
-            return Err(
-                deny("tokens", &r, tokens, retry_after, RejectReason::TokenLimit)
-                    .with_rate(current),
-            );
+            return Err(denied(tenant, false, r.limit, tokens, retry_after).with_rate(current));
         }
         if let Some(c) = limits.concurrency
             && st.in_flight >= c.get()
@@ -181,8 +184,94 @@ impl Limiter {
             tpm,
             tokens,
             headers,
+            shared: None,
             settled: false,
         })
+    }
+
+    /// [`Self::reserve`], with RPM and TPM decided by the shared limiter when there is one and it answers (the
+    /// concurrency limit stays local); otherwise (fail open) by this local one, counted in `fail_open` and logged.
+    pub async fn reserve_any(
+        self: &Arc<Self>,
+        shared: Option<&Arc<Shared>>,
+        fail_open: &prometheus_client::metrics::counter::Counter,
+        tenant: &Arc<str>,
+        limits: &Limits,
+        tokens: u64,
+        now: Instant,
+    ) -> Result<Reservation, Reject> {
+        let (Some(sh), true) = (shared, limits.rpm.is_some() || limits.tpm.is_some()) else {
+            return self.reserve(tenant, limits, tokens, now);
+        };
+        if !sh.usable(now) {
+            fail_open.inc();
+            return self.reserve(tenant, limits, tokens, now);
+        }
+        let rpm = limits
+            .rpm
+            .and_then(|r| Rate::per_minute(u64::from(r.get())));
+        let tpm = limits.tpm.and_then(|r| Rate::per_minute(r.get()));
+        let decision = match sh
+            .reserve(tenant, rpm.as_ref(), tpm.as_ref(), tokens, now)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                fail_open.inc();
+                tracing::warn!(%tenant, error = %e, "shared rate limits unavailable; using local limits");
+                return self.reserve(tenant, limits, tokens, now);
+            }
+        };
+        match decision {
+            Decision::Allowed(rate) => {
+                let local = Limits {
+                    rpm: None,
+                    tpm: None,
+                    concurrency: limits.concurrency,
+                };
+                match self.reserve(tenant, &local, tokens, now) {
+                    Ok(mut r) => {
+                        r.headers = rate;
+                        r.shared = Some(SharedPart {
+                            shared: sh.clone(),
+                            rpm,
+                            tpm,
+                        });
+                        Ok(r)
+                    }
+                    Err(reject) => {
+                        // Over the concurrency limit: give the shared charge back.
+                        if let Some(r) = rpm {
+                            sh.settle(tenant.clone(), "rpm", r, 1);
+                        }
+                        if let Some(r) = tpm {
+                            sh.settle(
+                                tenant.clone(),
+                                "tpm",
+                                r,
+                                i64::try_from(tokens).unwrap_or(i64::MAX),
+                            );
+                        }
+                        Err(reject.with_rate(rate))
+                    }
+                }
+            }
+            Decision::Denied {
+                requests,
+                retry_after,
+                rate,
+            } => {
+                let (limit, need) = if requests {
+                    (rpm.map_or(0, |r| r.limit), 1)
+                } else {
+                    (tpm.map_or(0, |r| r.limit), tokens)
+                };
+                Err(denied(tenant, requests, limit, need, retry_after).with_rate(rate))
+            }
+            Decision::TooLarge(rate) => {
+                Err(too_large(tenant, tokens, tpm.map_or(0, |r| r.limit)).with_rate(rate))
+            }
+        }
     }
 
     /// Requests of `tenant` holding a reservation.
@@ -211,7 +300,17 @@ pub struct Reservation {
     tokens: u64,
     /// Limit states right after the reservation (response headers).
     pub headers: RateHeaders,
+    /// The shared limiter that charged RPM / TPM, if it did.
+    shared: Option<SharedPart>,
     settled: bool,
+}
+
+/// What a reservation charged in Redis.
+#[derive(Debug)]
+struct SharedPart {
+    shared: Arc<Shared>,
+    rpm: Option<Rate>,
+    tpm: Option<Rate>,
 }
 
 impl Reservation {
@@ -226,6 +325,18 @@ impl Reservation {
             return;
         }
         self.settled = true;
+        if let Some(sp) = &self.shared {
+            if never_ran && let Some(r) = sp.rpm {
+                sp.shared.settle(self.tenant.clone(), "rpm", r, 1);
+            }
+            let used = if never_ran { Some(0) } else { used };
+            if let (Some(r), Some(used)) = (sp.tpm, used) {
+                let units = i128::from(self.tokens) - i128::from(used);
+                let units =
+                    i64::try_from(units).unwrap_or(if units > 0 { i64::MAX } else { i64::MIN });
+                sp.shared.settle(self.tenant.clone(), "tpm", r, units);
+            }
+        }
         let t = self.limiter.since(now);
         let mut keys = self.limiter.keys.lock();
         let Some(st) = keys.get_mut(&self.tenant) else {

@@ -143,20 +143,28 @@ pub fn reset_text(d: Duration) -> String {
 /// Sets `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the limits the tenant has.
 pub fn rate_headers(h: &mut hyper::HeaderMap, rate: Option<&admission::RateHeaders>) {
     use hyper::header::{HeaderName, HeaderValue};
+    const NAMES: [[&str; 3]; 2] = [
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    ];
     let Some(rate) = rate else { return };
-    for (kind, state) in [("requests", rate.requests), ("tokens", rate.tokens)] {
+    for (names, state) in NAMES.iter().zip([rate.requests, rate.tokens]) {
         let Some(s) = state else { continue };
-        for (what, value) in [
-            ("limit", s.limit.to_string()),
-            ("remaining", s.remaining.to_string()),
-            ("reset", reset_text(s.reset)),
-        ] {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::try_from(format!("x-ratelimit-{what}-{kind}")),
-                HeaderValue::try_from(value),
-            ) {
-                h.insert(n, v);
-            }
+        let values = [
+            HeaderValue::from(s.limit),
+            HeaderValue::from(s.remaining),
+            HeaderValue::try_from(reset_text(s.reset)).unwrap_or(HeaderValue::from_static("0ms")),
+        ];
+        for (name, value) in names.iter().zip(values) {
+            h.insert(HeaderName::from_static(name), value);
         }
     }
 }

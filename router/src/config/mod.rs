@@ -49,7 +49,8 @@
 //! admission:                         # see config::admission; all optional
 //!   {enabled: true, ledger: /var/lib/weir/usage.redb, ledger_flush: 500ms, admin_keys: ["<sha256>"],
 //!    gate: true, max_waiting: 2, kv_limit: 0.9, max_prefill_tokens: 16384, burst: 8, max_in_flight: 256,
-//!    refresh: 10ms, max_queued_per_tier: 5000, drain_cancelled_streams: true, watch_namespace: tenants}
+//!    refresh: 10ms, max_queued_per_tier: 5000, drain_cancelled_streams: true, watch_namespace: tenants,
+//!    redis: redis://127.0.0.1:6379}   # RPM / TPM shared by replicas (fail open to local limits)
 //!                                    # watch_namespace: TenantPolicy objects there replace `tenants` once listed
 //! ```
 
