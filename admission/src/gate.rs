@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 
 use crate::ledger::{Key, Ledger, UsageRow};
+use crate::limits::{Limiter, RateHeaders, Reservation};
 use crate::metrics::{DecisionLabels, EndLabels, Metrics, PoolTierLabels, TierLabels, TokenLabels};
 use crate::tenants::{Identity, Tenant, TenantTable};
 use crate::{AdmissionConfig, Reject, RejectReason, Result};
@@ -100,6 +101,10 @@ pub(crate) struct Inner {
     next_id: AtomicU64,
     ledger: Ledger,
     metrics: Metrics,
+    /// RPM / TPM / concurrency per tenant (in process).
+    limiter: Arc<Limiter>,
+    /// RPM / TPM shared by replicas in Redis, when configured.
+    shared: Option<Arc<crate::shared::Shared>>,
 }
 
 /// Tenant admission. Cheap to clone (one `Arc`).
@@ -115,6 +120,10 @@ impl Admission {
     pub fn from_policies(specs: Vec<TenantPolicySpec>, cfg: AdmissionConfig) -> Result<Admission> {
         let table = TenantTable::build(&specs, cfg.max_tenant_labels)?;
         let ledger = Ledger::open(&cfg.ledger)?;
+        let shared = match &cfg.redis {
+            Some(url) => Some(crate::shared::Shared::new(url).map_err(crate::Error::Redis)?),
+            None => None,
+        };
         if cfg.ledger.path.is_some() {
             ledger.spawn_flusher(cfg.ledger.flush_interval);
         }
@@ -126,6 +135,8 @@ impl Admission {
                 next_id: AtomicU64::new(1),
                 ledger,
                 metrics: Metrics::default(),
+                limiter: Arc::new(Limiter::new(tokio::time::Instant::now().into_std())),
+                shared,
             }),
         })
     }
@@ -313,11 +324,35 @@ impl Admission {
             Arc::from(req.model.as_str()),
             rules.tier,
         );
+        // Limits before queuing: a request over its tenant's RPM / TPM / concurrency costs no queue place. Dropped
+        // before dispatch (shed, expired, client gone), the reservation refunds itself.
+        let cfg = &self.inner.cfg;
+        let reserve_tokens =
+            req.prompt_tokens + req.max_tokens.unwrap_or(cfg.default_output_tokens);
+        let reservation = match self
+            .inner
+            .limiter
+            .reserve_any(
+                self.inner.shared.as_ref(),
+                &self.inner.metrics.fail_open,
+                &rules.tenant,
+                &rules.limits,
+                reserve_tokens,
+                now,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(reject) => {
+                self.inner.ledger.record(&key, |c| c.rejected += 1);
+                self.count_decision(&label, rules.tier, "rejected", reject.reason.as_str());
+                return Err(reject);
+            }
+        };
         let max_wait_deadline = now + rules.queue.max_wait;
         let deadline = req
             .deadline
             .map_or(max_wait_deadline, |d| d.min(max_wait_deadline));
-        let cfg = &self.inner.cfg;
         let expected_output = req
             .max_tokens
             .unwrap_or(cfg.default_output_tokens)
@@ -400,12 +435,12 @@ impl Admission {
                 biased;
                 () = notify.notified() => {
                     if let Some(grant) = waiting.try_start() {
-                        return Ok(waiting.into_permit(grant, arrived));
+                        return Ok(waiting.into_permit(grant, arrived, reservation));
                     }
                 }
                 () = &mut sleep => {
                     if let Some(grant) = waiting.try_start() {
-                        return Ok(waiting.into_permit(grant, arrived));
+                        return Ok(waiting.into_permit(grant, arrived, reservation));
                     }
                     return Err(waiting.expire(deadline.saturating_duration_since(now)));
                 }
@@ -438,7 +473,12 @@ impl Waiting<'_> {
         Some(grant)
     }
 
-    fn into_permit(self, grant: Grant, arrived: tokio::time::Instant) -> Permit {
+    fn into_permit(
+        self,
+        grant: Grant,
+        arrived: tokio::time::Instant,
+        reservation: Reservation,
+    ) -> Permit {
         let inner = &self.adm.inner;
         inner.ledger.record(&self.key, |c| c.admitted += 1);
         self.adm
@@ -464,6 +504,8 @@ impl Waiting<'_> {
             key: self.key.clone(),
             label: self.label.clone(),
             settled: false,
+            rate: reservation.headers,
+            reservation: Some(reservation),
         }
     }
 
@@ -531,6 +573,10 @@ pub struct Permit {
     pub request_id: RequestId,
     /// Time spent queued.
     pub queued_for: Duration,
+    /// The tenant's limit states after this request's reservation (`x-ratelimit-*` headers).
+    pub rate: RateHeaders,
+    /// Its share of the tenant's limits, settled with the real usage.
+    reservation: Option<Reservation>,
     grant: Grant,
     pool_ref: Arc<Pool>,
     inner: Arc<Inner>,
@@ -569,6 +615,13 @@ impl Permit {
             }
             st.sched.add_room(1);
             st.dispatch();
+        }
+        if let Some(r) = self.reservation.take() {
+            // Without real usage the reservation stands.
+            r.settle(
+                usage.map(|u| u.prompt_tokens + u.completion_tokens),
+                tokio::time::Instant::now().into_std(),
+            );
         }
         let u = usage.unwrap_or_default();
         self.inner.ledger.record(&self.key, |c| {

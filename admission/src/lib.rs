@@ -33,7 +33,9 @@
 
 mod gate;
 pub mod ledger;
+pub mod limits;
 mod metrics;
+pub mod shared;
 mod tenants;
 #[cfg(test)]
 mod tests;
@@ -46,6 +48,7 @@ use policies::tenant::{ApiKeyHash, InvalidPolicy};
 
 pub use gate::{Admission, AdmitRequest, Permit, Usage};
 pub use ledger::{Counters, LedgerConfig, UsageRow};
+pub use limits::{LimitState, RateHeaders};
 pub use tenants::{DEFAULT_TENANT, Identity, OTHER_LABEL};
 pub use watcher::PolicyWatcher;
 
@@ -58,6 +61,9 @@ pub enum Error {
     /// The ledger store failed.
     #[error("usage ledger: {0}")]
     Ledger(#[source] redb::Error),
+    /// The shared limiter's Redis URL is invalid.
+    #[error("admission.redis: {0}")]
+    Redis(#[source] redis::RedisError),
 }
 
 impl Error {
@@ -66,6 +72,7 @@ impl Error {
         match self {
             Error::InvalidPolicy(_) => "invalid_policy",
             Error::Ledger(_) => "ledger",
+            Error::Redis(_) => "redis",
         }
     }
 }
@@ -88,6 +95,8 @@ pub struct AdmissionConfig {
     pub max_output_estimate: u64,
     /// Hashes of admin keys (may read every tenant's usage).
     pub admin_keys: Vec<ApiKeyHash>,
+    /// `redis://host:port` of the RPM / TPM limits shared by replicas ([`shared`]); `None`: in process only.
+    pub redis: Option<String>,
 }
 
 impl Default for AdmissionConfig {
@@ -99,6 +108,7 @@ impl Default for AdmissionConfig {
             default_output_tokens: 128,
             max_output_estimate: 2048,
             admin_keys: Vec::new(),
+            redis: None,
         }
     }
 }
@@ -118,6 +128,14 @@ pub enum RejectReason {
     TenantQueueFull,
     /// The request's deadline passed while it waited (429).
     DeadlineExceeded,
+    /// The tenant's requests-per-minute limit (429).
+    RequestLimit,
+    /// The tenant's tokens-per-minute limit (429).
+    TokenLimit,
+    /// The tenant's in-flight limit (429).
+    ConcurrencyLimit,
+    /// `prompt + max_tokens` above the tenant's whole TPM: can never pass (413, not retryable).
+    TooManyTokens,
 }
 
 impl RejectReason {
@@ -128,7 +146,11 @@ impl RejectReason {
             RejectReason::ModelNotAllowed => 403,
             RejectReason::QueueFull
             | RejectReason::TenantQueueFull
-            | RejectReason::DeadlineExceeded => 429,
+            | RejectReason::DeadlineExceeded
+            | RejectReason::RequestLimit
+            | RejectReason::TokenLimit
+            | RejectReason::ConcurrencyLimit => 429,
+            RejectReason::TooManyTokens => 413,
         }
     }
 
@@ -141,6 +163,9 @@ impl RejectReason {
             RejectReason::QueueFull => "queue_full",
             RejectReason::TenantQueueFull => "tenant_queue_full",
             RejectReason::DeadlineExceeded => "queue_timeout",
+            RejectReason::RequestLimit | RejectReason::TokenLimit => "rate_limit_exceeded",
+            RejectReason::ConcurrencyLimit => "concurrency_limit_exceeded",
+            RejectReason::TooManyTokens => "request_too_large",
         }
     }
 
@@ -149,6 +174,10 @@ impl RejectReason {
         match self {
             RejectReason::MissingApiKey | RejectReason::InvalidApiKey => "authentication_error",
             RejectReason::ModelNotAllowed => "permission_error",
+            // OpenAI's types for RPM / TPM denials.
+            RejectReason::RequestLimit => "requests",
+            RejectReason::TokenLimit => "tokens",
+            RejectReason::TooManyTokens => "invalid_request_error",
             _ => "rate_limit_error",
         }
     }
@@ -164,6 +193,8 @@ pub struct Reject {
     pub retry_after: Option<Duration>,
     /// Message safe to show the client.
     pub message: String,
+    /// The tenant's limit states when a limit was checked (for `x-ratelimit-*` headers).
+    pub rate: Option<RateHeaders>,
 }
 
 impl Reject {
@@ -177,7 +208,14 @@ impl Reject {
             reason,
             retry_after,
             message: message.into(),
+            rate: None,
         }
+    }
+
+    /// With the tenant's limit states.
+    pub fn with_rate(mut self, rate: RateHeaders) -> Self {
+        self.rate = Some(rate);
+        self
     }
 
     /// The OpenAI-shaped error (status, type, code); `Retry-After` is the caller's header from [`Reject::retry_after`].

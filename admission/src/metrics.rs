@@ -68,6 +68,8 @@ pub(crate) struct Metrics {
     pub(crate) queued: Family<PoolTierLabels, Gauge>,
     pub(crate) displaced: Family<PoolTierLabels, Counter>,
     pub(crate) wait: Family<TierLabels, Histogram>,
+    /// Limit checks decided locally because the shared (Redis) limiter was unreachable or slow.
+    pub(crate) fail_open: Counter,
 }
 
 impl Default for Metrics {
@@ -78,6 +80,7 @@ impl Default for Metrics {
             tokens: Family::default(),
             queued: Family::default(),
             displaced: Family::default(),
+            fail_open: Counter::default(),
             wait: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 17))
             }),
@@ -108,6 +111,11 @@ impl Metrics {
             "queued",
             "Requests waiting for dispatch",
             self.queued.clone(),
+        );
+        r.register(
+            "limit_fail_open",
+            "Rate-limit checks decided by the local limiter because Redis was unreachable or slow",
+            self.fail_open.clone(),
         );
         r.register(
             "displaced",

@@ -601,6 +601,9 @@ pub struct RequestView<B> {
     pub has_stream_options: bool,
     /// `max_completion_tokens` or `max_tokens`.
     pub max_tokens: Option<u32>,
+    /// Chat messages in the body (0 for completions): a front door refuses huge chats before any rendering or
+    /// tokenizing work.
+    pub messages: usize,
     /// The full parse, on first use.
     typed: std::sync::OnceLock<Result<TypedRequest, ApiError>>,
     /// The prompt as text (the chat rendered with its template), on first use.
@@ -692,6 +695,7 @@ impl<B: AsRef<[u8]>> RequestView<B> {
             client_wants_usage,
             has_stream_options: p.stream_options.is_some(),
             max_tokens: p.max_completion_tokens.or(p.max_tokens),
+            messages: p.messages.as_ref().map_or(0, Vec::len),
             body,
             typed: std::sync::OnceLock::new(),
             rendered: std::sync::OnceLock::new(),

@@ -5,8 +5,13 @@
 //! to the axum routes: `GET /v1/models` (aggregated over routes), `GET /health` (503 while draining), `GET /metrics`,
 //! `GET /debug/routes` (routes, weights and shares, pools, endpoint state), `/debug/decisions`, `/debug/prefix`, `GET /debug/pods` (per-pod load samples, [`crate::pods`]), `GET /v1/usage` (the usage ledger, [`crate::usage`]).
 //! Production connections ([`serve`]) and the handler tests (`app(state).oneshot(req)`) run the same stack. Every
-//! response carries `x-request-id`; every error, wrong paths and methods included, is OpenAI-shaped
-//! ([`crate::error::respond`]).
+//! response carries `x-request-id` and the [security headers](SECURITY_HEADERS); every error, wrong paths and
+//! methods included, is OpenAI-shaped ([`crate::error::respond`]).
+//!
+//! Hostile clients ([`crate::config::FrontDoorConfig`]): a connection must send a whole request head within
+//! `header_read_timeout` of opening or of its previous response (hyper closes it otherwise, which also bounds idle
+//! keep-alive connections), its body within `body_read_timeout` (408), and at most `max_connections` are served at
+//! once (the rest wait in the listen backlog).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -171,6 +176,34 @@ fn with_request_id(mut req: Request) -> Request {
     req
 }
 
+/// Sent with every response: the API serves JSON and event streams only, never a page to sniff, frame or cache.
+pub const SECURITY_HEADERS: [(HeaderName, HeaderValue); 4] = [
+    (
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    ),
+    (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+    (
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    ),
+    (
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    ),
+];
+
+/// Adds [`SECURITY_HEADERS`], and `cache-control: no-store` unless the handler chose a caching policy.
+fn secure(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    for (name, value) in SECURITY_HEADERS {
+        h.insert(name, value);
+    }
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    r
+}
+
 /// The innermost service: completions to [`crate::pipeline`], other paths to the axum routes.
 #[derive(Clone)]
 pub struct FrontDoor {
@@ -193,11 +226,13 @@ impl Service<Request> for FrontDoor {
         match Api::of_path(req.uri().path()) {
             Some(api) if req.method() == Method::POST => {
                 let state = self.state.clone();
-                Box::pin(async move { Ok(crate::pipeline::completions(state, api, req).await) })
+                Box::pin(
+                    async move { Ok(secure(crate::pipeline::completions(state, api, req).await)) },
+                )
             }
             Some(_) => {
                 let r = wrong_method(&req, "POST");
-                Box::pin(std::future::ready(Ok(r)))
+                Box::pin(std::future::ready(Ok(secure(r))))
             }
             None => {
                 let rid = request_id_of(&req);
@@ -207,7 +242,7 @@ impl Service<Request> for FrontDoor {
                     r.headers_mut()
                         .entry(HeaderName::from_static("x-request-id"))
                         .or_insert(rid);
-                    Ok(r)
+                    Ok(secure(r))
                 })
             }
         }
@@ -228,11 +263,12 @@ pub fn app(state: Arc<AppState>) -> Stack {
 }
 
 /// Connection settings of the front door (HTTP/1.1 only, like vLLM).
-fn http1_builder() -> hyper::server::conn::http1::Builder {
+fn http1_builder(header_read_timeout: Duration) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(hyper_util::rt::TokioTimer::new())
-        // Slow-loris bound: a client must send its request head within this.
-        .header_read_timeout(Some(Duration::from_secs(30)))
+        // Slow-loris bound: a client must send its request head within this of connecting or of its previous
+        // response (hyper starts the timer whenever it waits for a head), then the connection is closed.
+        .header_read_timeout(Some(header_read_timeout))
         .keep_alive(true)
         // Queue body chunks instead of copying them into the write buffer (SSE events pass through untouched).
         .writev(true);
@@ -246,12 +282,15 @@ fn connection(
     stream: tokio::net::TcpStream,
     stack: Stack,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send + 'static {
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         tower::ServiceExt::oneshot(stack.clone(), req.map(Body::new))
     });
     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
     async move {
+        // Held until the connection is gone: frees its place under `max_connections`.
+        let _slot = slot;
         let mut conn = std::pin::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => {
@@ -279,12 +318,23 @@ pub async fn serve(
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
     let stack = app(state.clone());
-    let builder = http1_builder();
+    let builder = http1_builder(state.front_door.header_read_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.front_door.max_connections,
+    ));
     // Every connection task holds a receiver: `true` asks it to finish its current request and close; the sender
     // sees `closed()` once all connections are gone.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // At the cap, stop accepting: further connections wait in the kernel's backlog until one closes.
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break, // never closed
+            },
+        };
         let (stream, _) = tokio::select! {
             () = &mut shutdown => break,
             r = listener.accept() => match r {
@@ -298,7 +348,13 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(&builder, stream, stack.clone(), stop_rx.clone()));
+        tokio::spawn(connection(
+            &builder,
+            stream,
+            stack.clone(),
+            stop_rx.clone(),
+            slot,
+        ));
     }
     drop(listener);
     drop(stop_rx);
@@ -341,7 +397,17 @@ mod tests {
             1,
         )
         .unwrap();
-        let fut = connection(&http1_builder(), stream, app(state), rx);
+        let slot = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let fut = connection(
+            &http1_builder(Duration::from_secs(10)),
+            stream,
+            app(state),
+            rx,
+            slot,
+        );
         let size = std::mem::size_of_val(&fut);
         println!("connection task future: {size} bytes");
         assert!(size < 16 << 10, "{size} bytes");

@@ -31,6 +31,8 @@ pub struct Ctx {
     /// Admission's permit while the request is dispatched; settled once with how it ended
     /// ([`crate::gate::settle`]): at `account`, or when a stream ends.
     pub permit: Option<admission::Permit>,
+    /// The tenant's limit states after admission decided (`x-ratelimit-*` headers on the answer).
+    pub rate: Option<admission::RateHeaders>,
 }
 
 impl Ctx {
@@ -51,6 +53,7 @@ impl Ctx {
             decision_id: None,
             tenant: None,
             permit: None,
+            rate: None,
         }
     }
 }

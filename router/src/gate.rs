@@ -129,6 +129,53 @@ pub fn api_key(headers: &hyper::HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
+/// A duration as OpenAI writes `x-ratelimit-reset-*`: `12ms`, `1.5s`, `6m0s`.
+pub fn reset_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    if ms < 60_000 {
+        let s = format!("{:.3}", d.as_secs_f64());
+        return format!("{}s", s.trim_end_matches('0').trim_end_matches('.'));
+    }
+    let secs = d.as_secs();
+    if secs < 3600 {
+        format!("{}m{}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{}m{}s", secs / 3600, secs / 60 % 60, secs % 60)
+    }
+}
+
+/// Sets `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the limits the tenant has.
+pub fn rate_headers(h: &mut hyper::HeaderMap, rate: Option<&admission::RateHeaders>) {
+    use hyper::header::{HeaderName, HeaderValue};
+    const NAMES: [[&str; 3]; 2] = [
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    ];
+    let Some(rate) = rate else { return };
+    for (names, state) in NAMES.iter().zip([rate.requests, rate.tokens]) {
+        let Some(s) = state else { continue };
+        let values = [
+            HeaderValue::from(s.limit),
+            HeaderValue::from(s.remaining),
+            HeaderValue::try_from(reset_text(s.reset)).unwrap_or(HeaderValue::from_static("0ms")),
+        ];
+        for (name, value) in names.iter().zip(values) {
+            h.insert(HeaderName::from_static(name), value);
+        }
+    }
+}
+
 /// The OpenAI-shaped error of an admission rejection, with its `Retry-After`.
 pub fn rejected(r: &admission::Reject) -> policies::errors::ApiError {
     let e = r.to_api_error();
@@ -158,6 +205,15 @@ mod tests {
         assert_eq!(api_key(&h("Basic dXNlcg==")), None);
         assert_eq!(api_key(&h("Bearer ")), None);
         assert_eq!(api_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn reset_durations_are_written_as_openai_does() {
+        assert_eq!(reset_text(Duration::from_millis(12)), "12ms");
+        assert_eq!(reset_text(Duration::from_secs(1)), "1s");
+        assert_eq!(reset_text(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(reset_text(Duration::from_secs(360)), "6m0s");
+        assert_eq!(reset_text(Duration::from_secs(3725)), "1h2m5s");
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub mod decisions;
 pub mod discovery;
 pub mod error;
 pub mod execute;
+#[cfg(test)]
+mod front_door_tests;
 pub mod gate;
 #[cfg(test)]
 mod gate_tests;
@@ -29,6 +31,8 @@ mod gate_tests;
 mod handler_tests;
 pub mod ids;
 pub mod kv_index;
+#[cfg(test)]
+mod limit_tests;
 pub mod metrics;
 pub mod pd;
 pub mod pipeline;

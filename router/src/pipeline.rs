@@ -86,7 +86,19 @@ pub async fn identify(
         return Err(too_large(limit));
     }
     let (parts, body) = req.into_parts();
-    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    // A client that sends its head and then trickles (or stalls) its body is cut off after `body_read_timeout`.
+    let read = axum::body::to_bytes(body, limit);
+    let read = tokio::time::timeout(app.front_door.body_read_timeout, read)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                408,
+                "invalid_request_error",
+                "The request body was not received in time.",
+            )
+            .with_code("request_timeout")
+        })?;
+    let bytes: Bytes = read.map_err(|e| {
         let over = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
@@ -101,6 +113,18 @@ pub async fn identify(
         }
     })?;
     let view = View::parse(api, bytes)?;
+    let max = app.front_door.max_messages;
+    if view.messages > max {
+        return Err(ApiError::invalid_request(
+            format!(
+                "Invalid 'messages': array too long. Expected an array with maximum length {max}, but got an array \
+                 with length {} instead.",
+                view.messages
+            ),
+            Some("messages"),
+            "array_above_max_length",
+        ));
+    }
     Ok((parts.headers, view, tenant))
 }
 
@@ -154,7 +178,11 @@ pub async fn admit(
                 _ = gone => return Err(ApiError::new(499, "invalid_request_error", "The client went away.")),
             },
         }
-        .map_err(|r| crate::gate::rejected(&r))?;
+        .map_err(|r| {
+            ctx.rate = r.rate;
+            crate::gate::rejected(&r)
+        })?;
+        ctx.rate = Some(permit.rate);
         ctx.permit = Some(permit);
     }
     let model = route.name.clone();
@@ -256,12 +284,15 @@ async fn serve(app: Arc<AppState>, mut ctx: Ctx, gone: Option<Gone>) -> Response
         Ok(p) => p,
         Err(e) => {
             app.count(&model, e.status);
-            return respond(&e, &ctx.request_id);
+            let mut r = respond(&e, &ctx.request_id);
+            crate::gate::rate_headers(r.headers_mut(), ctx.rate.as_ref());
+            return r;
         }
     };
     let series = admitted.series.clone();
-    let (resp, outcome) = proxy(&app, &snap, &mut ctx, admitted, plan).await;
+    let (mut resp, outcome) = proxy(&app, &snap, &mut ctx, admitted, plan).await;
     account(&app, &model, &series, &outcome, ctx.permit.take());
+    crate::gate::rate_headers(resp.headers_mut(), ctx.rate.as_ref());
     resp
 }
 

@@ -81,6 +81,8 @@ pub struct AppState {
     pub unknown_model: Arc<str>,
     /// Tenant admission (`None`: admission off, plain routing).
     pub admission: Option<admission::Admission>,
+    /// Client connection limits ([`crate::app::serve`]; the body read timeout in [`crate::pipeline::identify`]).
+    pub front_door: crate::config::FrontDoorConfig,
 }
 
 impl AppState {
@@ -111,6 +113,7 @@ impl AppState {
             created_unix,
             unknown_model: Arc::from("other"),
             admission,
+            front_door: config.front_door,
         })
     }
 

@@ -48,6 +48,8 @@ pub struct Pool {
     /// Cache-aware state (prefix index, sessions, P/D router) when the pool's policy is cache-aware; `None` keeps
     /// the request path free of tokenizing and hashing.
     pub cache: Option<CacheView>,
+    /// `Authorization` the pods expect (`Bearer <pool api_key>`); clients' credentials are never forwarded.
+    pub upstream_auth: Option<hyper::header::HeaderValue>,
 }
 
 /// One weighted target of a route.
@@ -121,6 +123,8 @@ impl EndpointSnapshot {
 pub struct SnapshotBuilder {
     /// Pools from config: name -> (served model, policy).
     pools: BTreeMap<String, (String, PolicyConfig)>,
+    /// Pools' upstream `Authorization` from config, by pool name.
+    upstream_auth: HashMap<String, hyper::header::HeaderValue>,
     /// Routes from config.
     routes: Vec<RouteConfig>,
     breaker: BreakerConfig,
@@ -141,6 +145,11 @@ impl SnapshotBuilder {
                 .pools
                 .iter()
                 .map(|p| (p.name.clone(), (p.model.clone(), p.policy.clone())))
+                .collect(),
+            upstream_auth: config
+                .pools
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), p.upstream_auth.clone()?)))
                 .collect(),
             routes: config.routes.clone(),
             breaker: config.breaker,
@@ -244,6 +253,7 @@ impl SnapshotBuilder {
                 endpoints,
                 pipeline,
                 cache,
+                upstream_auth: self.upstream_auth.get(name).cloned(),
             });
         }
         // Forget state of endpoints that left (a returning pod starts fresh).

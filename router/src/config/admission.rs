@@ -51,6 +51,9 @@ pub struct RawAdmission {
     pub drain_cancelled_streams: Option<bool>,
     /// Watch `TenantPolicy` objects in Kubernetes (in this namespace; `""` for all) besides the config's tenants.
     pub watch_namespace: Option<String>,
+    /// `redis://host:port`: tenants' RPM / TPM limits shared by every replica through this Redis (fail open to
+    /// per-replica limits while it is unreachable). Default: in process.
+    pub redis: Option<String>,
 }
 
 /// Validated admission settings.
@@ -91,6 +94,18 @@ impl RawAdmission {
                 "admission.ledger_flush",
                 "must be more than 0 and at most 1s (the usage at risk on a crash)",
             ));
+        }
+        if let Some(url) = &self.redis {
+            let ok = url
+                .strip_prefix("redis://")
+                .is_some_and(|rest| !rest.is_empty() && redis_url_ok(url));
+            if !ok {
+                return Err(invalid(
+                    "admission.redis",
+                    format!("`{url}` is not a redis://host:port URL"),
+                ));
+            }
+            config.redis = Some(url.clone());
         }
         config.ledger = LedgerConfig {
             path: self.ledger,
@@ -155,6 +170,12 @@ impl RawAdmission {
     }
 }
 
+/// Whether `url` parses as a Redis connection URL (without connecting).
+fn redis_url_ok(url: &str) -> bool {
+    url.parse::<hyper::Uri>()
+        .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
+}
+
 /// Checks the tenants of the config (field names in errors are `tenants[i].*`).
 pub fn validate_tenants(tenants: &[TenantPolicySpec]) -> Result<(), Error> {
     policies::tenant::validate_all(tenants)
@@ -185,6 +206,12 @@ mod tests {
         assert!(bad("kv_limit: 1.5").contains("admission.kv_limit"));
         assert!(bad("ledger_flush: 5s").contains("admission.ledger_flush"));
         assert!(bad("max_queued_per_tier: 0").contains("admission.max_queued_per_tier"));
+        assert!(bad("redis: http://127.0.0.1:6379").contains("admission.redis"));
+        let raw: RawAdmission = serde_yaml::from_str("redis: redis://127.0.0.1:6379").unwrap();
+        assert_eq!(
+            raw.validate().unwrap().config.redis.as_deref(),
+            Some("redis://127.0.0.1:6379")
+        );
         let raw: RawAdmission =
             serde_yaml::from_str("{gate: false, enabled: false, adminKeys: []}").unwrap();
         let s = raw.validate().unwrap();

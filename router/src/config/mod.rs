@@ -25,6 +25,8 @@
 //!                                    # non_cached_tokens 0 = no P/D; see policies::pick::pd for each knob
 //!       tokenizer: byte              # tokenizer + Llama-3 chat template the pods use; or {hf: /path/tokenizer.json}
 //!       block_size: 16               # tokens per hashed block (the engine's block size for precise-prefix)
+//!     api_key: "<key>"               # the key the pods expect (vLLM --api-key), sent as Bearer; clients' own
+//!                                    # Authorization / x-api-key are never forwarded
 //! decisions: {size: 1024}            # decision-record ring for /debug/decisions
 //! models:                            # optional: client-facing names, aliases and weighted splits
 //!   - name: llama
@@ -36,6 +38,7 @@
 //! scrape: {interval: 100ms, timeout: 1s, stale_after: 1s}
 //! max_body_bytes: 8388608
 //! drain_timeout: 30s
+//! front_door: {header_read_timeout: 10s, body_read_timeout: 30s, max_connections: 65536, max_messages: 2048}
 //! tenants:                           # TenantPolicy specs (camelCase, as the CRD); none: one implicit tenant
 //!   - tenant: acme
 //!     tier: interactive              # interactive | standard | batch
@@ -46,7 +49,8 @@
 //! admission:                         # see config::admission; all optional
 //!   {enabled: true, ledger: /var/lib/weir/usage.redb, ledger_flush: 500ms, admin_keys: ["<sha256>"],
 //!    gate: true, max_waiting: 2, kv_limit: 0.9, max_prefill_tokens: 16384, burst: 8, max_in_flight: 256,
-//!    refresh: 10ms, max_queued_per_tier: 5000, drain_cancelled_streams: true, watch_namespace: tenants}
+//!    refresh: 10ms, max_queued_per_tier: 5000, drain_cancelled_streams: true, watch_namespace: tenants,
+//!    redis: redis://127.0.0.1:6379}   # RPM / TPM shared by replicas (fail open to local limits)
 //!                                    # watch_namespace: TenantPolicy objects there replace `tenants` once listed
 //! ```
 
@@ -54,6 +58,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use hyper::header::HeaderValue;
 use policies::endpoint::Role;
 use policies::pick::breaker::BreakerConfig;
 use policies::pick::budget::RetryBudget;
@@ -66,8 +71,10 @@ use serde::Deserialize;
 use crate::Error;
 
 mod admission;
+mod front_door;
 
 pub use self::admission::{AdmissionSettings, RawAdmission, validate_tenants};
+pub use self::front_door::{FrontDoorConfig, RawFrontDoor};
 
 /// Top-level YAML document.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -109,6 +116,9 @@ pub struct RawConfig {
     /// Admission: ledger, admin keys, dispatch gating.
     #[serde(default)]
     pub admission: RawAdmission,
+    /// Client connection limits: header/body read timeouts, connection cap.
+    #[serde(default)]
+    pub front_door: RawFrontDoor,
 }
 
 /// Decision-record settings in YAML.
@@ -190,6 +200,9 @@ pub struct RawPool {
     /// GPU type of every endpoint in the pool that does not name its own.
     #[serde(default)]
     pub gpu: Option<String>,
+    /// The API key the pool's pods expect (vLLM `--api-key`), sent upstream as `Authorization: Bearer <key>`.
+    #[serde(default)]
+    pub api_key: Option<String>,
 }
 
 /// Scheduling policy in YAML, tagged by `kind`.
@@ -397,6 +410,8 @@ pub struct Config {
     pub tenants: Vec<policies::tenant::TenantPolicySpec>,
     /// Admission settings.
     pub admission: AdmissionSettings,
+    /// Client connection limits.
+    pub front_door: FrontDoorConfig,
 }
 
 /// A validated static endpoint.
@@ -504,6 +519,8 @@ pub struct PoolConfig {
     /// Static endpoints, URLs validated as `http://host:port`.
     pub endpoints: Vec<EndpointConfig>,
     pub policy: PolicyConfig,
+    /// `Bearer <api_key>` for the pods (marked sensitive: `Debug` does not print it); `None`: no `Authorization`.
+    pub upstream_auth: Option<HeaderValue>,
 }
 
 /// Validated scheduling policy; [`PolicyConfig::build`] makes the pipeline.
@@ -631,6 +648,20 @@ pub fn parse_duration(field: &str, s: &str) -> Result<Duration, Error> {
     // Also rejects negatives, NaN and values too large for a Duration (which would otherwise panic).
     Duration::try_from_secs_f64(secs)
         .map_err(|_| invalid(field, format!("`{s}` is not a usable duration")))
+}
+
+/// `Bearer <key>` as a sensitive header value; the key must be non-empty visible ASCII without spaces.
+fn bearer(field: &str, key: &str) -> Result<HeaderValue, Error> {
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            "must be non-empty visible ASCII without spaces",
+        ));
+    }
+    let mut v = HeaderValue::from_str(&format!("Bearer {key}"))
+        .map_err(|_| invalid(field, "not a valid header value"))?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 fn dur(field: &str, v: &Option<String>, default: Duration) -> Result<Duration, Error> {
@@ -945,6 +976,7 @@ impl RawConfig {
                 endpoints: urls,
                 policy: None,
                 gpu: None,
+                api_key: None,
             });
         }
         Ok(())
@@ -1017,11 +1049,17 @@ impl RawConfig {
                 )?);
             }
             let policy = validate_policy(&format!("{f}.policy"), p.policy)?;
+            let upstream_auth = p
+                .api_key
+                .as_deref()
+                .map(|k| bearer(&format!("{f}.api_key"), k))
+                .transpose()?;
             pools.push(PoolConfig {
                 model: p.model.unwrap_or_else(|| p.name.clone()),
                 name: p.name,
                 endpoints,
                 policy,
+                upstream_auth,
             });
         }
         pools.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1133,6 +1171,7 @@ impl RawConfig {
         }
         validate_tenants(&self.tenants)?;
         let admission = self.admission.validate()?;
+        let front_door = self.front_door.validate()?;
         Ok(Config {
             listen,
             pools,
@@ -1146,6 +1185,7 @@ impl RawConfig {
             decisions_size,
             tenants: self.tenants,
             admission,
+            front_door,
         })
     }
 }

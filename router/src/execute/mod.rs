@@ -309,7 +309,7 @@ pub async fn execute(
         );
         let trace =
             crate::telemetry::upstream_traceparent(&up_span, ctx.headers.get("traceparent"));
-        let req = match upstream_request(ctx, send_body, trace) {
+        let req = match upstream_request(ctx, send_body, trace, pool.upstream_auth.as_ref()) {
             Ok(r) => r,
             Err(e) => {
                 att.verdict = true;

@@ -59,6 +59,7 @@ pub(super) async fn run_prefill_leg(
         HeaderName::from_static("traceparent"),
         crate::telemetry::upstream_traceparent(&span, ctx.headers.get("traceparent")),
     );
+    super::wire::with_pool_auth(&mut fwd, pool.upstream_auth.as_ref());
     let kv = crate::pd::run_prefill(
         &app.client,
         pep.authority.as_str(),

@@ -31,9 +31,24 @@ pub(super) fn skip_header(name: &HeaderName) -> bool {
     )
 }
 
-/// Client headers an upstream request carries (no accept-encoding: the SSE scanner must see plain bytes).
+/// Client headers an upstream request carries (no accept-encoding: the SSE scanner must see plain bytes). The
+/// client's credentials (`Authorization`, `x-api-key`, cookies) stay at the front door: the pods get their pool's
+/// own key ([`with_pool_auth`]) or none.
 pub(super) fn forwarded(k: &HeaderName) -> bool {
-    !skip_header(k) && k != "traceparent" && k != "x-request-id" && k != header::ACCEPT_ENCODING
+    !skip_header(k)
+        && k != "traceparent"
+        && k != "x-request-id"
+        && k != header::ACCEPT_ENCODING
+        && k != header::AUTHORIZATION
+        && k != "x-api-key"
+        && k != header::COOKIE
+}
+
+/// Sets the pool's `Authorization` for its pods, if it names a key.
+pub(super) fn with_pool_auth(h: &mut HeaderMap, auth: Option<&HeaderValue>) {
+    if let Some(a) = auth {
+        h.insert(header::AUTHORIZATION, a.clone());
+    }
 }
 
 pub(super) async fn collect_limited<B>(
@@ -88,6 +103,7 @@ pub(super) fn upstream_request(
     ctx: &Ctx,
     body: Bytes,
     trace: HeaderValue,
+    auth: Option<&HeaderValue>,
 ) -> Result<Request<Bytes>, hyper::http::Error> {
     let mut rb = Request::builder()
         .method(Method::POST)
@@ -108,6 +124,7 @@ pub(super) fn upstream_request(
             ctx.request_id.clone(),
         );
         h.insert(HeaderName::from_static("traceparent"), trace);
+        with_pool_auth(h, auth);
     }
     rb.body(body)
 }
@@ -172,10 +189,12 @@ mod tests {
             "traceparent",
             "x-request-id",
             "accept-encoding",
+            "authorization",
+            "x-api-key",
+            "cookie",
         ] {
             assert!(!forwarded(&HeaderName::from_static(h)), "{h}");
         }
-        assert!(forwarded(&HeaderName::from_static("authorization")));
         assert!(forwarded(&HeaderName::from_static("x-session-id")));
     }
 }
