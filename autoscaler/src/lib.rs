@@ -7,8 +7,10 @@
 //! argument), [`baselines`] (static peak, HPA v2, KEDA queue length, perfect-foresight oracle), [`control`] (the
 //! planner and baselines as controllers of the simulator's elastic fleet), [`trace`] (the built-in diurnal + burst
 //! load) and [`evaluate`] (one trace through every policy, for `weir plan`). Depends on `sim` for profiles and the
-//! virtual-time fleet; never on the router. Kubernetes appears only as CRD types here (kube's `derive` feature).
+//! virtual-time fleet; never on the router. Kubernetes appears as CRD types and in [`actuator`] (the `scale`
+//! subresource of a pool's Deployment or LeaderWorkerSet through kube-rs), the crate's only I/O.
 
+pub mod actuator;
 pub mod baselines;
 pub mod capacity;
 pub mod control;
