@@ -34,6 +34,7 @@ impl Controller for WeirController {
         let waiting: u32 = obs.pools.iter().map(|p| p.waiting).sum();
         self.planner.observe(DemandSample {
             t: obs.now,
+            arrivals_per_s: f64::from(obs.arrivals) / w,
             prompt_tok_s: obs.prompt_tokens as f64 / w,
             output_tok_s: obs.output_tokens as f64 / w,
             queued_prompt_tokens: obs.held_prompt_tokens as f64

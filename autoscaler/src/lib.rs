@@ -7,8 +7,11 @@
 //! argument), [`baselines`] (static peak, HPA v2, KEDA queue length, perfect-foresight oracle), [`control`] (the
 //! planner and baselines as controllers of the simulator's elastic fleet), [`trace`] (the built-in diurnal + burst
 //! load) and [`evaluate`] (one trace through every policy, for `weir plan`). Depends on `sim` for profiles and the
-//! virtual-time fleet; never on the router. Kubernetes appears only as CRD types here (kube's `derive` feature).
+//! virtual-time fleet; never on the router. Kubernetes appears as CRD types and in [`actuator`] (the `scale`
+//! subresource of a pool's Deployment or LeaderWorkerSet through kube-rs); [`sim_actuator`] starts and stops
+//! simulated pods in-process. Those two are the crate's only I/O.
 
+pub mod actuator;
 pub mod baselines;
 pub mod capacity;
 pub mod control;
@@ -16,6 +19,7 @@ pub mod crd;
 pub mod evaluate;
 pub mod mix;
 pub mod planner;
+pub mod sim_actuator;
 pub mod svg;
 pub mod trace;
 

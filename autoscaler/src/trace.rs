@@ -25,8 +25,11 @@ pub struct DiurnalSpec {
     pub trough_rate: f64,
     /// Rate at the busiest hour, req/s.
     pub peak_rate: f64,
-    /// Hour of the day (0-24) of the peak; the trough is 12 h away.
+    /// Hour of the day (0-24) of the peak; the trough is half a day away.
     pub peak_hour: f64,
+    /// Length of one "day" in seconds (86,400; shorter compresses the cycle for quick virtual-time tests, with
+    /// `peak_hour` a fraction of 24 of it and the bursts at absolute times).
+    pub period_s: f64,
     pub bursts: Vec<Burst>,
     /// Workloads whose lengths the requests take, with their shares (normalised).
     pub mix: Vec<(Workload, f64)>,
@@ -47,6 +50,7 @@ impl DiurnalSpec {
             trough_rate: peak / 10.0,
             peak_rate: peak,
             peak_hour: 14.0,
+            period_s: 86_400.0,
             bursts: vec![b(9.0, 10.0, 2.0), b(13.5, 20.0, 1.5), b(19.0, 5.0, 2.5)],
             mix: vec![(Workload::AzureConv, 1.0)],
         }
@@ -54,7 +58,7 @@ impl DiurnalSpec {
 
     /// Arrival rate at `t`, req/s.
     pub fn rate(&self, t: f64) -> f64 {
-        let hour = (t / 3600.0).rem_euclid(24.0);
+        let hour = (t / self.period_s * 24.0).rem_euclid(24.0);
         let phase = (hour - self.peak_hour) / 24.0 * std::f64::consts::TAU;
         let day =
             self.trough_rate + (self.peak_rate - self.trough_rate) * (1.0 + phase.cos()) / 2.0;
@@ -141,6 +145,11 @@ mod tests {
         );
         assert!((ratio(start + 150.0) - 2.5).abs() < 1e-9);
         assert!((ratio(start + 301.0) - 1.0).abs() < 1e-9);
+        // A day compressed into an hour peaks at 14/24 of it.
+        let mut short = calm.clone();
+        short.period_s = 3600.0;
+        assert!((short.rate(14.0 * 150.0) - 10.0).abs() < 1e-9);
+        assert!((short.rate(2.0 * 150.0) - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -27,6 +27,13 @@ pub struct PlanArgs {
     /// Built-in day: length in seconds of virtual time.
     #[arg(long, default_value_t = 86_400.0)]
     pub duration: f64,
+    /// Built-in day: length of one day cycle in seconds (shorter compresses the diurnal shape for quick runs; the
+    /// bursts stay at their absolute times).
+    #[arg(long, default_value_t = 86_400.0)]
+    pub day_length: f64,
+    /// Built-in day: no bursts, the diurnal shape alone.
+    #[arg(long)]
+    pub no_bursts: bool,
     /// Built-in day: request rate at the busiest hour (the quietest is a tenth of it), req/s.
     #[arg(long, default_value_t = 20.0)]
     pub peak_rate: f64,
@@ -274,8 +281,15 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             if !(args.duration.is_finite() && args.duration > 0.0) {
                 bail!("--duration must be > 0");
             }
+            if !(args.day_length.is_finite() && args.day_length > 0.0) {
+                bail!("--day-length must be > 0");
+            }
             let mut spec = DiurnalSpec::day(args.peak_rate);
             spec.duration_s = args.duration;
+            spec.period_s = args.day_length;
+            if args.no_bursts {
+                spec.bursts.clear();
+            }
             spec.mix = parse_mix(&args.mix)?;
             if spec.mix.is_empty() {
                 bail!("--mix is empty");
@@ -283,11 +297,17 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             (
                 spec.generate(args.seed),
                 format!(
-                    "built-in day: {} s, peak {} req/s (trough {}), mix {}, bursts x2 09:00 10 min, x1.5 13:30 20 min, x2.5 19:00 5 min (2 min ramps)",
+                    "built-in day: {} s, day length {} s, peak {} req/s (trough {}), mix {}, {}",
                     args.duration,
+                    args.day_length,
                     args.peak_rate,
                     args.peak_rate / 10.0,
-                    args.mix
+                    args.mix,
+                    if args.no_bursts {
+                        "no bursts"
+                    } else {
+                        "bursts x2 at 09:00 for 10 min, x1.5 at 13:30 for 20 min, x2.5 at 19:00 for 5 min (2 min ramps)"
+                    }
                 ),
             )
         }
