@@ -3,9 +3,10 @@
 //! Seams: [`discovery`] sources publish endpoint sets which become immutable [`snapshot::EndpointSnapshot`]s swapped
 //! atomically; endpoint selection is the pure `policies::pick` pipeline over `policies::endpoint::EndpointView`s built
 //! from [`state`]; the [`scrape`] loop fills engine load from each pod's `/metrics`. A request goes through [`app`]
-//! (the one service stack) into [`pipeline`] (identify → resolve → route → admit → proxy → account over a [`ctx::Ctx`]):
-//! [`plan`] decides without I/O, [`execute`] sends with retries, timeouts and circuit breaking. This crate must not depend on the
-//! simulator, the autoscaler or the metrics adapter.
+//! (the one service stack) into [`pipeline`] (identify → resolve → route → admit → proxy → account over a
+//! [`ctx::Ctx`]): [`plan`] decides without I/O, [`gate`] holds it in admission's tier queues until its pool has room,
+//! [`execute`] sends with retries, timeouts and circuit breaking. This crate must not depend on the simulator, the
+//! autoscaler or the metrics adapter.
 
 // Layers, bottom up (a module uses only modules of its own or lower layers):
 // 1. ids, error, config, metrics, state, sse, client, upstream, telemetry, kv_index, pd, discovery
