@@ -1,8 +1,7 @@
 //! Tenant admission: who a request belongs to, whether it may run, when it may dispatch, and what it used.
 //!
 //! The router's `identify -> resolve -> route -> admit -> proxy -> account` phases call this crate at `identify`
-//! and `admit`,
-//! and settle the [`Permit`] at `account`. Decisions (tier priority, weighted fair queuing, room) are the pure
+//! and `admit`, and settle the [`Permit`] at `account`. Decisions (tier priority, weighted fair queuing, room) are the pure
 //! [`policies::fair`] / [`policies::room`] functions; this crate is the thin stateful shell around them: locks,
 //! wake-ups, the durable usage ledger ([`ledger`]), metrics, and the Kubernetes policy watcher. It must not depend
 //! on the router.
