@@ -218,13 +218,18 @@ impl Reject {
         self
     }
 
-    /// The OpenAI-shaped error (status, type, code); `Retry-After` is the caller's header from [`Reject::retry_after`].
+    /// The OpenAI-shaped error (status, type, code) with [`Reject::retry_after`] as its `Retry-After`, in whole
+    /// seconds rounded up (a client that waits the header's time finds room).
     pub fn to_api_error(&self) -> policies::errors::ApiError {
-        policies::errors::ApiError::new(
+        let e = policies::errors::ApiError::new(
             self.reason.status(),
             self.reason.error_type(),
             self.message.clone(),
         )
-        .with_code(self.reason.as_str())
+        .with_code(self.reason.as_str());
+        match self.retry_after {
+            Some(d) => e.with_retry_after(d.as_millis().div_ceil(1000).max(1) as u64),
+            None => e,
+        }
     }
 }

@@ -176,16 +176,6 @@ pub fn rate_headers(h: &mut hyper::HeaderMap, rate: Option<&admission::RateHeade
     }
 }
 
-/// The OpenAI-shaped error of an admission rejection, with its `Retry-After`.
-pub fn rejected(r: &admission::Reject) -> policies::errors::ApiError {
-    let e = r.to_api_error();
-    match r.retry_after {
-        // Whole seconds, rounded up: a client that waits the header's time finds room.
-        Some(d) => e.with_retry_after(d.as_millis().div_ceil(1000).max(1) as u64),
-        None => e,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use hyper::HeaderMap;
@@ -223,12 +213,15 @@ mod tests {
             Some(Duration::from_millis(1500)),
             "full",
         );
-        let e = rejected(&r);
+        let e = r.to_api_error();
         assert_eq!(
             (e.status, e.code.as_deref(), e.retry_after),
             (429, Some("queue_full"), Some(2))
         );
         let r = admission::Reject::new(admission::RejectReason::InvalidApiKey, None, "no");
-        assert_eq!((rejected(&r).status, rejected(&r).retry_after), (401, None));
+        assert_eq!(
+            (r.to_api_error().status, r.to_api_error().retry_after),
+            (401, None)
+        );
     }
 }

@@ -73,7 +73,7 @@ pub async fn identify(
     let tenant = match &app.admission {
         Some(adm) => Some(
             adm.identify(crate::gate::api_key(req.headers()))
-                .map_err(|r| crate::gate::rejected(&r))?,
+                .map_err(|r| r.to_api_error())?,
         ),
         None => None,
     };
@@ -180,7 +180,7 @@ pub async fn admit(
         }
         .map_err(|r| {
             ctx.rate = r.rate;
-            crate::gate::rejected(&r)
+            r.to_api_error()
         })?;
         ctx.rate = Some(permit.rate);
         ctx.permit = Some(permit);

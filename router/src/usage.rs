@@ -54,7 +54,7 @@ pub async fn usage(
                 }
                 adm.usage(&who.tenant)
             }
-            Err(r) => return respond(&crate::gate::rejected(&r), &request_id),
+            Err(r) => return respond(&r.to_api_error(), &request_id),
         }
     };
     axum::Json(serde_json::json!({"object": "list", "data": rows})).into_response()
