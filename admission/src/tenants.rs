@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
-use policies::tenant::{ApiKeyHash, InvalidPolicy, TenantPolicySpec, TenantRules, Tier};
+use policies::tenant::{ApiKeyHash, InvalidPolicy, QueueSpec, TenantPolicySpec, TenantRules, Tier};
 
 /// Name of the implicit tenant used when no policies are configured.
 pub const DEFAULT_TENANT: &str = "default";
+/// The implicit tenant's queue limit: the largest a policy may set, so only the tier's cap bounds it.
+const IMPLICIT_MAX_QUEUED: u32 = 100_000;
 /// Metric label value that tenants beyond the label cap fold into.
 pub const OTHER_LABEL: &str = "other";
 
@@ -46,7 +48,14 @@ impl TenantTable {
         rules.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         let implicit = rules.is_empty();
         if implicit {
-            let spec = TenantPolicySpec::new(DEFAULT_TENANT, Tier::Standard);
+            // Without tenants there is no tenant to protect from another: the implicit tenant's queue is bounded
+            // only by the tier's cap (`admission.max_queued_per_tier`), not by a per-tenant default of 128 that
+            // would shed a single client's 256 concurrent requests while a pod is briefly saturated.
+            let mut spec = TenantPolicySpec::new(DEFAULT_TENANT, Tier::Standard);
+            spec.queue = Some(QueueSpec {
+                max_queued: Some(IMPLICIT_MAX_QUEUED),
+                max_wait_ms: None,
+            });
             rules.push(spec.validate()?);
         }
         let tenants = rules

@@ -282,6 +282,29 @@ async fn a_client_leaving_the_queue_frees_its_place_at_once() {
     assert!(matches!(poll_once(&mut second).await, Poll::Ready(Ok(_))));
 }
 
+/// Without tenants one client's burst waits for room instead of being shed at a per-tenant default of 128: only the
+/// tier's cap bounds the implicit tenant's queue.
+#[tokio::test(start_paused = true)]
+async fn without_tenants_the_queue_is_bounded_by_the_tier_cap_only() {
+    let mut cfg = AdmissionConfig::default();
+    cfg.fair.max_queued_per_tier = [300; 3];
+    let adm = Admission::from_policies(vec![], cfg).unwrap();
+    adm.set_room("p", 0);
+    let id = adm.identify(None).unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..300 {
+        let mut f = Box::pin(adm.admit(&id, req("m"), now()));
+        assert!(poll_once(&mut f).await.is_pending(), "held, not shed");
+        waiting.push(f);
+    }
+    let e = adm.admit(&id, req("m"), now()).await.unwrap_err();
+    assert_eq!(e.reason, RejectReason::QueueFull, "the tier's cap, not the tenant's");
+    adm.set_room("p", 300);
+    for f in &mut waiting {
+        assert!(matches!(poll_once(f).await, Poll::Ready(Ok(_))));
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn every_admitted_request_ends_completed_failed_or_cancelled() {
     let adm = three_tiers();
