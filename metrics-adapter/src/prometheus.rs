@@ -39,7 +39,7 @@ use crate::source::{PodValue, Source, StaleValue};
 use crate::{Error, Result};
 
 /// The PromQL of one metric.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct MetricQuery {
     pub metric: &'static Metric,
     /// Per-pod values.
