@@ -515,3 +515,446 @@ async fn serve_presents_the_given_certificate() {
     assert!(other.get(&url).send().await.is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `prometheus` server on loopback, killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Prometheus {
+    /// `prometheus` (or `$WEIR_PROMETHEUS`) scraping `targets` (`{"targets": [..], "labels": {..}}` groups) every
+    /// `interval`; ready. Panics when the binary is missing: this test never skips.
+    async fn start(interval: &str, targets: Value) -> Prometheus {
+        let bin = std::env::var("WEIR_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        let found = std::process::Command::new(&bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{bin}` not found: install prometheus (scripts/test does) or set WEIR_PROMETHEUS"
+        );
+        let dir = std::env::temp_dir().join(format!("weir-adapter-prom-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = json!({
+            "global": {"scrape_interval": interval, "scrape_timeout": interval},
+            "scrape_configs": [{"job_name": "model-servers", "static_configs": targets}],
+        });
+        let config_path = dir.join("prometheus.yml");
+        std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(&bin)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting prometheus");
+        let p = Prometheus {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+        };
+        let ready = format!("{}/-/ready", p.url);
+        eventually(Duration::from_secs(30), "prometheus ready", async || {
+            client()
+                .get(&ready)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        p
+    }
+}
+
+/// A model server frozen in the past: its `/metrics` carries explicit sample timestamps `age` old (as a federated
+/// or relayed exporter's would), so Prometheus keeps answering them as the latest samples, with no staleness marker.
+async fn frozen_exporter(age: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            #[allow(clippy::disallowed_methods)]
+            // the sample's wall-clock time is the point of this exporter
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .saturating_sub(age)
+                .as_millis();
+            let body = format!(
+                "vllm:kv_cache_usage_perc{{model_name=\"{MODEL}\"}} 0.9 {ts}\n\
+                 vllm:num_requests_waiting{{model_name=\"{MODEL}\"}} 7 {ts}\n"
+            );
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+        }
+    });
+    addr.to_string()
+}
+
+/// Each pod's own `vllm:kv_cache_usage_perc` in milli-units.
+async fn pods_own_kv(urls: &[String]) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for u in urls {
+        let kv = metric(&scrape(u).await, "vllm:kv_cache_usage_perc");
+        out.insert(endpoint_id(u), (kv * 1000.0).round() as i64);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_source_serves_each_pods_own_kv_within_one_scrape_interval() {
+    const SCRAPE: Duration = Duration::from_secs(1);
+    // Slow small pods (see the module docs): a KV change every few seconds, 0.5% per block.
+    let fleet = Weir::fleet(2, "0.05", &["--num-gpu-blocks", "201"]).await;
+    let urls = fleet.urls();
+    let frozen = frozen_exporter(Duration::from_secs(120)).await;
+    let live: Vec<String> = urls.iter().map(|u| endpoint_id(u)).collect();
+    let prom = Prometheus::start(
+        "1s",
+        json!([
+            {"targets": live, "labels": {"pool": "llama", "gpu": "H100", "role": "decode"}},
+            {"targets": [frozen], "labels": {"pool": "llama", "gpu": "H100", "role": "decode"}},
+        ]),
+    )
+    .await;
+    let adapter = Weir::start(&[
+        "metrics-adapter",
+        "--prometheus",
+        &prom.url,
+        "--listen",
+        "127.0.0.1:0",
+        "--external",
+        "--cache-ttl",
+        "100ms",
+        "--prometheus-max-age",
+        "10s",
+    ]);
+    let base = adapter.json()["listen"].as_str().unwrap().to_string();
+    let c = https();
+
+    // Discovery lists exactly the metrics the source has queries for.
+    let (status, disc) = get_json(&c, &format!("{base}/{V2}")).await;
+    assert_eq!(status, 200, "{disc}");
+    let pods_metrics: Vec<&str> = disc["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str()?.strip_prefix("pods/"))
+        .collect();
+    assert_eq!(
+        pods_metrics,
+        [
+            "weir_kv_cache_utilization",
+            "weir_num_requests_waiting",
+            "weir_num_requests_running"
+        ],
+        "{disc}"
+    );
+
+    // Both live pods at 0 once scraped; the frozen one (120 s old samples, max age 10 s) is left out and reported.
+    eventually(
+        Duration::from_secs(30),
+        "both live pods listed at 0",
+        async || {
+            let kv = pods_metric(&c, &base, "weir_kv_cache_utilization").await;
+            kv.keys().cloned().collect::<Vec<_>>() == live && kv.values().all(|v| *v == 0)
+        },
+    )
+    .await;
+    let (status, pools) = get_json(&c, &format!("{base}/metrics-api/pools")).await;
+    assert_eq!(status, 200, "{pools}");
+    let stale = pools["stale"].as_array().unwrap();
+    assert!(
+        stale.iter().any(|s| s["pod"] == frozen
+            && s["metric"] == "weir_kv_cache_utilization"
+            && s["age_seconds"].as_f64().unwrap() >= 110.0),
+        "{pools}"
+    );
+    assert!(stale.iter().all(|s| s["pod"] == frozen), "{pools}");
+    assert_eq!(
+        pools["pools"][0]["pool"],
+        format!("{MODEL}/decode/H100"),
+        "{pools}"
+    );
+
+    // Load: one long request on each pod, so each pod's KV moves one block per 16 tokens, seconds apart.
+    let mut held = Vec::new();
+    for (u, prompt) in urls
+        .iter()
+        .zip(["hello ".repeat(400), "world ".repeat(200)])
+    {
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2000, "ignore_eos": true,
+            "stream": true});
+        let req = client()
+            .post(format!("{u}/v1/completions"))
+            .json(&body)
+            .send();
+        held.push(tokio::spawn(async move {
+            let mut r = req.await.unwrap();
+            assert_eq!(r.status(), 200);
+            while let Ok(Some(_)) = r.chunk().await {}
+        }));
+    }
+
+    // Freshness: each time a pod's own value changes, time until the adapter serves the new values of both pods.
+    // Bound: one scrape interval, plus the adapter's 100 ms cache and this loop's polling, plus 400 ms for a loaded
+    // machine (Prometheus's scrape timer and these processes share 2 cores with other work).
+    let bound = SCRAPE + Duration::from_millis(900);
+    let started = tokio::time::Instant::now();
+    let mut last = pods_own_kv(&urls).await;
+    let mut pending: Option<(tokio::time::Instant, BTreeMap<String, i64>)> = None;
+    let mut lags = Vec::new();
+    while lags.len() < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "only {} KV changes seen in 90 s: {lags:?}",
+            lags.len()
+        );
+        let own = pods_own_kv(&urls).await;
+        if own != last {
+            pending = Some((tokio::time::Instant::now(), own.clone()));
+            last = own;
+        }
+        if let Some((at, want)) = &pending {
+            let served = pods_metric(&c, &base, "weir_kv_cache_utilization").await;
+            if served == *want {
+                lags.push(at.elapsed());
+                pending = None;
+            } else {
+                assert!(
+                    at.elapsed() < Duration::from_secs(5),
+                    "the adapter still serves {served:?} 5 s after the pods reported {want:?}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    eprintln!("adapter lag behind the pods' own KV values: {lags:?}");
+    assert!(lags.iter().all(|l| *l <= bound), "{lags:?} > {bound:?}");
+    assert!(last.values().all(|v| *v > 0), "{last:?}");
+
+    // The same values per pool through the external API (mean KV over the two live pods; the frozen one out).
+    let (status, ext) = get_json(
+        &c,
+        &format!("{base}/apis/external.metrics.k8s.io/v1beta1/namespaces/default/weir_pool_num_requests_running?labelSelector=gpu%3DH100"),
+    )
+    .await;
+    assert_eq!(status, 200, "{ext}");
+    assert_eq!(ext["items"].as_array().unwrap().len(), 1, "{ext}");
+    assert_eq!(ext["items"][0]["value"], "2", "{ext}");
+    for h in held {
+        h.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_tier_queues_are_served_per_pool_and_tier_and_to_keda() {
+    use metrics_adapter::keda::proto::GetMetricsRequest;
+    use metrics_adapter::keda::proto::external_scaler_client::ExternalScalerClient;
+
+    // One slow pod that takes one request at a time (admission.max_in_flight 1): further requests wait in weir's
+    // tier queues, not in the engine.
+    let pod = Weir::sim_at("0.05", &["--served-model-name", "m"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_hash = policies::tenant::ApiKeyHash::of("sk-ba").to_hex();
+    let cfg = dir.path().join("weir.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools: [{{name: m, endpoints: [{}]}}]\nscrape: {{interval: 50ms}}\n\
+             admission: {{max_in_flight: 1, burst: 1}}\n\
+             tenants:\n  - {{tenant: ba, tier: batch, queue: {{maxQueued: 10, maxWaitMs: 60000}}, \
+             identity: {{apiKeys: [{{sha256: '{key_hash}'}}]}}}}\n",
+            pod.url()
+        ),
+    )
+    .unwrap();
+    let router = Weir::serve(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--metrics-adapter-listen",
+        "127.0.0.1:0",
+        "--metrics-adapter-external",
+        "--keda-scaler-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let adapter = router.json()["metrics_adapter"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let keda_addr = router.json()["keda_scaler"].as_str().unwrap().to_string();
+    let c = https();
+    let ext = format!("{adapter}/apis/external.metrics.k8s.io/v1beta1");
+
+    // Discovery lists both tier metrics; with nothing queued the depth is one "0" item.
+    let (status, disc) = get_json(&c, &ext).await;
+    assert_eq!(status, 200, "{disc}");
+    for name in ["weir_tier_queue_depth", "weir_tier_queue_wait_seconds"] {
+        assert!(
+            disc["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == name),
+            "{name} not in {disc}"
+        );
+    }
+    let depth_url = format!(
+        "{ext}/namespaces/default/weir_tier_queue_depth?labelSelector=pool%3Dm,tier%3Dbatch"
+    );
+    let (_, idle) = get_json(&c, &depth_url).await;
+    assert_eq!(idle["items"][0]["value"], "0", "{idle}");
+
+    // One long request occupies the pod; once the router has scraped it busy, three more queue in weir.
+    let send = |i: usize| {
+        let body = json!({"model": "m", "prompt": format!("request {i} "), "max_tokens": 1000,
+            "ignore_eos": true, "stream": true});
+        let req = client()
+            .post(format!("{}/v1/completions", router.url()))
+            .bearer_auth("sk-ba")
+            .json(&body)
+            .send();
+        tokio::spawn(async move {
+            let mut r = req.await.unwrap();
+            assert_eq!(r.status(), 200);
+            while let Ok(Some(_)) = r.chunk().await {}
+        })
+    };
+    let mut held = vec![send(0)];
+    eventually(Duration::from_secs(10), "the pod busy", async || {
+        metric(&scrape(pod.url()).await, "vllm:num_requests_running") == 1.0
+    })
+    .await;
+    for i in 1..=3 {
+        held.push(send(i));
+    }
+    eventually(
+        Duration::from_secs(10),
+        "three requests queued in the batch tier",
+        async || {
+            let (_, v) = get_json(&c, &depth_url).await;
+            v["items"][0]["value"] == "3"
+        },
+    )
+    .await;
+    let (_, depth) = get_json(&c, &depth_url).await;
+    assert_eq!(depth["items"].as_array().unwrap().len(), 1, "{depth}");
+    assert_eq!(
+        depth["items"][0]["metricLabels"],
+        json!({"pool": "m", "tier": "batch"}),
+        "{depth}"
+    );
+    // Other tiers' queues of the pool are listed too, empty.
+    let (_, all) = get_json(
+        &c,
+        &format!("{ext}/namespaces/default/weir_tier_queue_depth?labelSelector=pool%3Dm"),
+    )
+    .await;
+    let values: Vec<&str> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values.len(), 3, "{all}");
+    assert_eq!(values.iter().filter(|v| **v == "3").count(), 1, "{all}");
+    // The oldest of them has been waiting a while (and for no longer than since the test started them).
+    eventually(Duration::from_secs(10), "a visible oldest wait", async || {
+        let (_, w) = get_json(
+            &c,
+            &format!("{ext}/namespaces/default/weir_tier_queue_wait_seconds?labelSelector=tier%3Dbatch"),
+        )
+        .await;
+        milli(w["items"][0]["value"].as_str().unwrap()) >= 200
+    })
+    .await;
+
+    // KEDA: the pool's queue depth over gRPC, and active.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{keda_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut keda = ExternalScalerClient::new(channel);
+    let meta = [
+        ("pool", "m"),
+        ("metric", "tier_queue_depth"),
+        ("tier", "batch"),
+        ("targetValue", "2"),
+    ];
+    let got = keda
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(trigger(&meta)),
+            metric_name: "weir_tier_queue_depth".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.metric_values[0].metric_value, 3, "{got:?}");
+    assert_eq!(got.metric_values[0].metric_value_float, 3.0, "{got:?}");
+    assert!(
+        keda.is_active(trigger(&meta))
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+    );
+    let other_tier = [
+        ("pool", "m"),
+        ("metric", "tier_queue_depth"),
+        ("tier", "interactive"),
+    ];
+    assert!(
+        !keda
+            .is_active(trigger(&other_tier))
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+    );
+
+    // The JSON endpoint carries the queues too.
+    let (_, pools) = get_json(&c, &format!("{adapter}/metrics-api/pools")).await;
+    assert!(
+        pools["tier_queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["pool"] == "m" && q["tier"] == "batch" && q["queued"] == 3),
+        "{pools}"
+    );
+    for h in held {
+        h.abort();
+    }
+}

@@ -266,6 +266,29 @@ impl Admission {
             .inc();
     }
 
+    /// Every pool's queue per tier now: depth and how long its oldest request has waited (for the metrics
+    /// adapter's tier-queue metrics), sorted by pool then tier rank. Pools that never queued are not listed.
+    pub fn tier_queues(&self, now: Instant) -> Vec<TierQueue> {
+        let pools: Vec<Arc<Pool>> = self.inner.pools.lock().values().cloned().collect();
+        let mut out = Vec::with_capacity(pools.len() * Tier::ALL.len());
+        for p in pools {
+            let st = p.state.lock();
+            for tier in Tier::ALL {
+                out.push(TierQueue {
+                    pool: p.name.to_string(),
+                    tier,
+                    queued: st.sched.queued(tier) as u64,
+                    oldest_wait: st
+                        .sched
+                        .oldest_enqueued(tier)
+                        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.pool, a.tier.rank()).cmp(&(&b.pool, b.tier.rank())));
+        out
+    }
+
     fn set_queued_gauge(&self, pool: &Pool, st: &PoolState) {
         for tier in Tier::ALL {
             let n = i64::try_from(st.sched.queued(tier)).unwrap_or(i64::MAX);
@@ -447,6 +470,18 @@ impl Admission {
             }
         }
     }
+}
+
+/// One pool's queue of one tier, as [`Admission::tier_queues`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierQueue {
+    /// Pool name.
+    pub pool: String,
+    pub tier: Tier,
+    /// Requests waiting.
+    pub queued: u64,
+    /// How long the oldest of them has waited (zero for an empty queue).
+    pub oldest_wait: Duration,
 }
 
 /// A request waiting in a pool's queue; dropping it un-queues the request.

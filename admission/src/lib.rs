@@ -25,6 +25,7 @@
 //! Reject { reason: RejectReason, retry_after: Option<Duration>, message }   // reason.status(), reason.code()
 //! Admission::replace_policies(Vec<TenantPolicySpec>) -> Result<(), Error>   // live, keeps queued requests
 //! Admission::usage(tenant) / usage_all() -> Vec<UsageRow>; is_admin(api_key); register_metrics(&mut Registry)
+//! Admission::tier_queues(now) -> Vec<TierQueue { pool, tier, queued, oldest_wait }>   // for the metrics adapter
 //! ```
 //!
 //! Ledger invariant, per tenant x model x tier: `admitted = completed + failed + cancelled` once every permit is
@@ -46,7 +47,7 @@ use std::time::Duration;
 use policies::fair::FairConfig;
 use policies::tenant::{ApiKeyHash, InvalidPolicy};
 
-pub use gate::{Admission, AdmitRequest, Permit, Usage};
+pub use gate::{Admission, AdmitRequest, Permit, TierQueue, Usage};
 pub use ledger::{Counters, LedgerConfig, UsageRow};
 pub use limits::{LimitState, RateHeaders};
 pub use tenants::{DEFAULT_TENANT, Identity, OTHER_LABEL};

@@ -192,6 +192,46 @@ async fn waiters_dispatch_by_tier_as_room_appears() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn tier_queues_report_depth_and_the_oldest_wait_per_pool_and_tier() {
+    let adm = three_tiers();
+    adm.set_room("p", 0);
+    let mut held = Vec::new();
+    for t in ["b", "b", "i"] {
+        let (adm, w) = (adm.clone(), who(&adm, t));
+        held.push(tokio::spawn(async move {
+            adm.admit(&w, req("m"), now()).await.map(drop)
+        }));
+        settle_tasks().await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+    }
+    let q = adm.tier_queues(now());
+    let row = |tier: Tier| q.iter().find(|r| r.pool == "p" && r.tier == tier).unwrap();
+    assert_eq!(q.len(), 3, "{q:?}");
+    assert_eq!(
+        (row(Tier::Batch).queued, row(Tier::Batch).oldest_wait),
+        (2, Duration::from_secs(6))
+    );
+    assert_eq!(
+        (
+            row(Tier::Interactive).queued,
+            row(Tier::Interactive).oldest_wait
+        ),
+        (1, Duration::from_secs(2))
+    );
+    assert_eq!(
+        (row(Tier::Standard).queued, row(Tier::Standard).oldest_wait),
+        (0, Duration::ZERO)
+    );
+    // A client leaving takes its place with it.
+    held.pop().unwrap().abort();
+    settle_tasks().await;
+    assert_eq!(
+        adm.tier_queues(now()).iter().map(|r| r.queued).sum::<u64>(),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_interactive_arrival_displaces_an_unstarted_batch_grant_which_still_runs_later() {
     let adm = three_tiers();
     adm.set_room("p", 0);

@@ -301,12 +301,19 @@ async fn custom_root(
 }
 
 async fn external_discovery(State(s): State<Arc<AdapterState>>) -> Response {
-    let resources: Vec<Value> = s
+    let mut names: Vec<String> = s
         .source
         .metrics()
         .iter()
-        .map(|m| {
-            json!({"name": external_name(m), "singularName": "", "namespaced": true,
+        .map(|m| external_name(m))
+        .collect();
+    if s.source.tier_queues().is_some() {
+        names.extend(catalog::TIER_METRICS.iter().map(|m| m.name.to_string()));
+    }
+    let resources: Vec<Value> = names
+        .into_iter()
+        .map(|name| {
+            json!({"name": name, "singularName": "", "namespaced": true,
                 "kind": "ExternalMetricValueList", "verbs": ["get"]})
         })
         .collect();
@@ -341,33 +348,58 @@ fn per_pool(m: &Metric, values: &[PodValue]) -> Vec<(BTreeMap<String, String>, f
         .collect()
 }
 
+/// Tier-queue values with their metric labels (`pool`, `tier`), one per queue.
+fn per_tier_queue(
+    m: &catalog::TierMetric,
+    queues: &[catalog::TierQueue],
+) -> Vec<(BTreeMap<String, String>, f64)> {
+    queues
+        .iter()
+        .map(|q| {
+            let labels = BTreeMap::from([
+                ("pool".to_string(), q.pool.clone()),
+                ("tier".to_string(), q.tier.clone()),
+            ]);
+            (labels, (m.from_queue)(q))
+        })
+        .collect()
+}
+
 /// `GET /apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{metric}?labelSelector=..`: one item per scaling pool
-/// matching the selector (labels `pool`, `model`, `role`, `gpu`); the HPA sums them. With no pool reporting, one
-/// `"0"` item labelled with the selector's equalities (an empty list would fail the HPA).
+/// matching the selector (labels `pool`, `model`, `role`, `gpu`), or for the tier-queue metrics one per admission
+/// queue (labels `pool` = router pool, `tier`); the HPA sums them. With nothing reporting, one `"0"` item labelled
+/// with the selector's equalities (an empty list would fail the HPA).
 async fn external_value(
     State(s): State<Arc<AdapterState>>,
     Path((ns, metric)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(m) = s
-        .source
-        .metrics()
-        .into_iter()
-        .find(|m| external_name(m) == metric)
-    else {
-        return not_found(format!("external metric `{metric}` is not served"));
-    };
     let sel = match selector(&q, "labelSelector") {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    let values = match s.source.values(m).await {
-        Ok(v) if namespace_ok(&s, &ns) => v,
-        Ok(_) => Vec::new(),
-        Err(e) => return source_error(e),
+    let rows = if let Some(m) = s
+        .source
+        .metrics()
+        .into_iter()
+        .find(|m| external_name(m) == metric)
+    {
+        match s.source.values(m).await {
+            Ok(v) if namespace_ok(&s, &ns) => per_pool(m, &v),
+            Ok(_) => Vec::new(),
+            Err(e) => return source_error(e),
+        }
+    } else if let (Some(m), Some(queues)) = (catalog::find_tier(&metric), s.source.tier_queues()) {
+        if namespace_ok(&s, &ns) {
+            per_tier_queue(m, &queues)
+        } else {
+            Vec::new()
+        }
+    } else {
+        return not_found(format!("external metric `{metric}` is not served"));
     };
     let ts = rfc3339((s.clock)());
-    let mut items: Vec<Value> = per_pool(m, &values)
+    let mut items: Vec<Value> = rows
         .into_iter()
         .filter(|(l, _)| sel.matches(l))
         .map(|(l, v)| {
@@ -425,14 +457,18 @@ pub async fn pool_table(
     Ok(rows.into_values().collect())
 }
 
-/// `GET /metrics-api/pools`: `{"pools": [..]}` (see [`pool_table`]); KEDA `metrics-api` reads e.g.
+/// `GET /metrics-api/pools`: `{"pools": [..], "stale": [..], "tier_queues": [..]}` (see [`pool_table`]; `stale`:
+/// the values the source left out as too old, [`Source::stale`]; `tier_queues`: admission's queues per pool × tier,
+/// `{pool, tier, queued, oldest_wait_seconds}`, empty without admission); KEDA `metrics-api` reads e.g.
 /// `valueLocation: pools.0.weir_num_requests_waiting` with `?model=..&role=decode&gpu=H100`.
 async fn pools_json(
     State(s): State<Arc<AdapterState>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     match pool_table(s.source.as_ref(), &q).await {
-        Ok(rows) => axum::Json(json!({"pools": rows})).into_response(),
+        Ok(rows) => axum::Json(json!({"pools": rows, "stale": s.source.stale(),
+            "tier_queues": s.source.tier_queues().unwrap_or_default()}))
+        .into_response(),
         Err(e) => source_error(e),
     }
 }

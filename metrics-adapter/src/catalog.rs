@@ -10,6 +10,8 @@ pub enum Fold {
     Sum,
     /// Ratios (KV utilization): the mean over pods.
     Mean,
+    /// Ages (oldest wait): the largest.
+    Max,
 }
 
 /// One served metric.
@@ -71,24 +73,66 @@ pub fn find(name: &str) -> Option<&'static Metric> {
 
 /// Folds values with `fold`; `None` for no values.
 pub fn fold(fold: Fold, values: impl IntoIterator<Item = f64>) -> Option<f64> {
-    let (mut n, mut sum) = (0u32, 0.0);
+    let (mut n, mut sum, mut max) = (0u32, 0.0, f64::NEG_INFINITY);
     for v in values {
         n += 1;
         sum += v;
+        max = max.max(v);
     }
     (n > 0).then(|| match fold {
         Fold::Sum => sum,
         Fold::Mean => sum / f64::from(n),
+        Fold::Max => max,
     })
 }
 
-/// Extension point for admission's per-tier queues (depth and wait per model × tier). The admission crate that owns
-/// those queues is not part of this tree yet; when it lands, it implements this and the adapter adds
-/// `weir_tier_queue_depth` / `weir_tier_queue_wait_seconds` (per pool and per tier) beside [`METRICS`]. Nothing
-/// implements it today, so no tier metric is listed or served.
+/// One admission queue: a pool's requests of one tier waiting for dispatch.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TierQueue {
+    /// Router pool the queue admits into.
+    pub pool: String,
+    /// `interactive`, `standard` or `batch`.
+    pub tier: String,
+    /// Requests waiting.
+    pub queued: u64,
+    /// How long the oldest of them has waited (0 for an empty queue).
+    pub oldest_wait_seconds: f64,
+}
+
+/// Admission's queues per pool × tier, as the `weir` binary reads them from the router's admission.
 pub trait TierQueues: Send + Sync {
-    /// `(model, tier, queued requests, oldest wait in seconds)` for every queue.
-    fn tier_queues(&self) -> Vec<(String, String, u64, f64)>;
+    fn tier_queues(&self) -> Vec<TierQueue>;
+}
+
+/// One metric over admission's queues (external metrics with labels `pool` and `tier`, and the KEDA scaler).
+#[derive(Debug)]
+pub struct TierMetric {
+    pub name: &'static str,
+    pub help: &'static str,
+    /// How several queues (a pool's tiers, several pools) combine.
+    pub fold: Fold,
+    pub from_queue: fn(&TierQueue) -> f64,
+}
+
+/// Every tier-queue metric.
+pub static TIER_METRICS: &[TierMetric] = &[
+    TierMetric {
+        name: "weir_tier_queue_depth",
+        help: "requests admission holds for the pool in the tier's queue (admission_queued)",
+        fold: Fold::Sum,
+        from_queue: |q| q.queued as f64,
+    },
+    TierMetric {
+        name: "weir_tier_queue_wait_seconds",
+        help: "how long the oldest request in the pool's tier queue has waited",
+        fold: Fold::Max,
+        from_queue: |q| q.oldest_wait_seconds,
+    },
+];
+
+/// The tier-queue metric called `name`.
+pub fn find_tier(name: &str) -> Option<&'static TierMetric> {
+    TIER_METRICS.iter().find(|m| m.name == name)
 }
 
 #[cfg(test)]
@@ -104,5 +148,9 @@ mod tests {
         assert_eq!(fold(Fold::Sum, [1.0, 2.0]), Some(3.0));
         assert_eq!(fold(Fold::Mean, [1.0, 2.0]), Some(1.5));
         assert_eq!(fold(Fold::Mean, []), None);
+        assert_eq!(fold(Fold::Max, [1.0, 3.0, 2.0]), Some(3.0));
+        let mut tier: Vec<_> = TIER_METRICS.iter().map(|m| m.name).collect();
+        tier.retain(|t| find(t).is_none());
+        assert_eq!(tier.len(), TIER_METRICS.len());
     }
 }

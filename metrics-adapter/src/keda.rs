@@ -6,9 +6,10 @@
 //!
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `metric` | a served metric, with or without its `weir_` prefix (`num_requests_waiting`, `kv_cache_utilization`, `in_flight_requests`, `in_flight_tokens`, `queued_prompt_tokens`, `num_requests_running`) | `num_requests_waiting` |
+//! | `metric` | a served metric, with or without its `weir_` prefix (`num_requests_waiting`, `kv_cache_utilization`, `in_flight_requests`, `in_flight_tokens`, `queued_prompt_tokens`, `num_requests_running`, `tier_queue_depth`, `tier_queue_wait_seconds`) | `num_requests_waiting` |
 //! | `pool` | the pods of a router pool (InferencePool name), of a `weir.dev/pool` label, or of a scaling pool `model/role/gpu` | every pod |
 //! | `model`, `role`, `gpu` | narrow to that scaling-pool model, role (`prefill`, `decode`, `prefill-decode`) or GPU | any |
+//! | `tier` | tier-queue metrics (`tier_queue_depth`, `tier_queue_wait_seconds`: admission's queues, when the adapter runs in the router with admission on): only this tier's queue of `pool` | every tier |
 //! | `targetValue` | the per-replica target (> 0) of the HPA KEDA generates (`AverageValue`: replicas = ceil(value / target)) | required for `GetMetricSpec` |
 //! | `activationTargetValue` | active (scale 0 -> 1) when the value is strictly above this | `0` |
 //!
@@ -33,7 +34,7 @@ use std::time::Duration;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::catalog::{self, Metric};
+use crate::catalog::{self, Metric, TierMetric, TierQueue};
 use crate::source::{PodValue, Source};
 
 /// The generated protocol: messages, the server trait and service, and a client (no transport: bring a channel).
@@ -51,11 +52,42 @@ use proto::{
 /// The metric used when the metadata names none.
 pub const DEFAULT_METRIC: &str = "weir_num_requests_waiting";
 
+/// A trigger's metric: per pod (summed over the selected pods) or over admission's tier queues.
+#[derive(Debug, Clone, Copy)]
+pub enum TriggerMetric {
+    Pods(&'static Metric),
+    Tier(&'static TierMetric),
+}
+
+impl TriggerMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pods(m) => m.name,
+            Self::Tier(m) => m.name,
+        }
+    }
+
+    /// A served metric by name, with or without its `weir_` prefix.
+    fn find(name: &str) -> Option<Self> {
+        let full = format!("weir_{name}");
+        catalog::find(name)
+            .or_else(|| catalog::find(&full))
+            .map(Self::Pods)
+            .or_else(|| {
+                catalog::find_tier(name)
+                    .or_else(|| catalog::find_tier(&full))
+                    .map(Self::Tier)
+            })
+    }
+}
+
 /// What one trigger's metadata asks for, validated.
 #[derive(Debug, Clone)]
 pub struct Trigger {
-    pub metric: &'static Metric,
+    pub metric: TriggerMetric,
     pub pool: Option<String>,
+    /// Tier-queue metrics: only this tier's queues (`interactive`, `standard`, `batch`); every tier when unset.
+    pub tier: Option<String>,
     pub model: Option<String>,
     pub role: Option<String>,
     pub gpu: Option<String>,
@@ -84,15 +116,17 @@ impl Trigger {
     /// Parses a trigger's `scalerMetadata`; unknown keys (KEDA's own `scalerAddress`, …) are ignored.
     pub fn from_metadata(meta: &HashMap<String, String>) -> Result<Self, Status> {
         let name = meta.get("metric").map_or(DEFAULT_METRIC, String::as_str);
-        let metric = catalog::find(name)
-            .or_else(|| catalog::find(&format!("weir_{name}")))
-            .ok_or_else(|| {
-                let known: Vec<&str> = catalog::METRICS.iter().map(|m| m.name).collect();
-                Status::invalid_argument(format!(
-                    "metadata `metric`: `{name}` is not served (one of {})",
-                    known.join(", ")
-                ))
-            })?;
+        let metric = TriggerMetric::find(name).ok_or_else(|| {
+            let known: Vec<&str> = catalog::METRICS
+                .iter()
+                .map(|m| m.name)
+                .chain(catalog::TIER_METRICS.iter().map(|m| m.name))
+                .collect();
+            Status::invalid_argument(format!(
+                "metadata `metric`: `{name}` is not served (one of {})",
+                known.join(", ")
+            ))
+        })?;
         let target = number(meta, "targetValue")?;
         if let Some(t) = target
             && t <= 0.0
@@ -105,6 +139,7 @@ impl Trigger {
         Ok(Self {
             metric,
             pool: text("pool"),
+            tier: text("tier"),
             model: text("model"),
             role: text("role"),
             gpu: text("gpu"),
@@ -136,6 +171,22 @@ impl Trigger {
             .filter(|v| self.selects(v))
             .map(|v| v.value)
             .sum()
+    }
+
+    /// The trigger's value over admission's queues: the selected pool's (every pool's) queues of the selected tier
+    /// (every tier), folded with the metric's fold (depth summed, wait the longest); 0 for none.
+    pub fn tier_value(&self, m: &TierMetric, queues: &[TierQueue]) -> f64 {
+        let eq = |want: &Option<String>, have: &str| {
+            want.as_deref().is_none_or(|w| w.eq_ignore_ascii_case(have))
+        };
+        catalog::fold(
+            m.fold,
+            queues
+                .iter()
+                .filter(|q| eq(&self.pool, &q.pool) && eq(&self.tier, &q.tier))
+                .map(m.from_queue),
+        )
+        .unwrap_or(0.0)
     }
 
     /// Active: the value strictly above `activationTargetValue`.
@@ -172,7 +223,19 @@ impl Scaler {
     }
 
     async fn current(&self, t: &Trigger) -> Result<f64, Status> {
-        let values = self.source.values(t.metric).await.map_err(|e| {
+        let m = match t.metric {
+            TriggerMetric::Pods(m) => m,
+            TriggerMetric::Tier(m) => {
+                let queues = self.source.tier_queues().ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "`{}`: this adapter has no admission queues to read (admission off, or not in process)",
+                        m.name
+                    ))
+                })?;
+                return Ok(t.tier_value(m, &queues));
+            }
+        };
+        let values = self.source.values(m).await.map_err(|e| {
             tracing::warn!(error = %e, "KEDA scaler: metrics source failed");
             Status::unavailable(e.to_string())
         })?;
@@ -243,7 +306,7 @@ impl ExternalScaler for Scaler {
         })?;
         Ok(Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
-                metric_name: t.metric.name.to_string(),
+                metric_name: t.metric.name().to_string(),
                 target_size: int_value(target),
                 target_size_float: target,
             }],
@@ -262,7 +325,7 @@ impl ExternalScaler for Scaler {
         let t = trigger_of(obj)?;
         let v = self.current(&t).await?;
         let name = if r.metric_name.is_empty() {
-            t.metric.name.to_string()
+            t.metric.name().to_string()
         } else {
             r.metric_name.clone()
         };
@@ -342,11 +405,11 @@ mod tests {
             ("activationTargetValue", "0.1"),
         ]))
         .unwrap();
-        assert_eq!(t.metric.name, "weir_kv_cache_utilization");
+        assert_eq!(t.metric.name(), "weir_kv_cache_utilization");
         assert_eq!((t.target, t.activation), (Some(0.7), 0.1));
         let d = Trigger::from_metadata(&meta(&[])).unwrap();
         assert_eq!(
-            (d.metric.name, d.target, d.activation),
+            (d.metric.name(), d.target, d.activation),
             (DEFAULT_METRIC, None, 0.0)
         );
     }
@@ -384,6 +447,36 @@ mod tests {
         let a = t(&[("activationTargetValue", "5")]);
         assert!(!a.active(5.0));
         assert!(a.active(5.5));
+    }
+
+    #[test]
+    fn tier_metrics_fold_the_selected_queues() {
+        let q = |pool: &str, tier: &str, queued: u64, wait: f64| TierQueue {
+            pool: pool.into(),
+            tier: tier.into(),
+            queued,
+            oldest_wait_seconds: wait,
+        };
+        let queues = [
+            q("llama", "interactive", 2, 0.5),
+            q("llama", "batch", 5, 9.0),
+            q("other", "batch", 100, 60.0),
+        ];
+        let t = |kv: &[(&str, &str)]| Trigger::from_metadata(&meta(kv)).unwrap();
+        let value = |kv: &[(&str, &str)]| {
+            let t = t(kv);
+            let TriggerMetric::Tier(m) = t.metric else {
+                panic!("{kv:?}: not a tier metric");
+            };
+            t.tier_value(m, &queues)
+        };
+        let depth = ("metric", "tier_queue_depth");
+        let wait = ("metric", "weir_tier_queue_wait_seconds");
+        assert_eq!(value(&[depth, ("pool", "llama")]), 7.0);
+        assert_eq!(value(&[depth, ("pool", "llama"), ("tier", "Batch")]), 5.0);
+        assert_eq!(value(&[depth]), 107.0);
+        assert_eq!(value(&[wait, ("pool", "llama")]), 9.0);
+        assert_eq!(value(&[wait, ("pool", "none")]), 0.0);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! endpoint for KEDA's `metrics-api` scaler and the dashboard, and KEDA's external scaler over gRPC ([`keda`]).
 //!
 //! Seams: a [`source::Source`] yields per-pod values of one [`catalog::Metric`] (the router's live snapshot, in
-//! process or from router replicas' `GET /debug/pods`); [`api::app`] renders them in the wire shapes of
+//! process or from router replicas' `GET /debug/pods`, or Prometheus: [`prometheus`]); [`api::app`] renders them in the wire shapes of
 //! `autoscaling-and-metrics-apis.md` §1–§2. Values and selectors are pure ([`quantity`], [`selector`]).
 //! Depends on `policies` only (the [`policies::pool::PodSample`] type), never on the router: the router exposes its
 //! snapshot, the `weir` binary wires the two together.
@@ -12,6 +12,7 @@
 pub mod api;
 pub mod catalog;
 pub mod keda;
+pub mod prometheus;
 pub mod quantity;
 pub mod selector;
 pub mod source;

@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use policies::pool::{PodSample, PoolKey, merge_replicas};
 
-use crate::catalog::Metric;
+use crate::catalog::{Metric, TierQueue, TierQueues};
 use crate::{Error, Result};
 
 /// One pod's value of one metric.
@@ -35,6 +35,15 @@ pub struct PodValue {
     pub value: f64,
 }
 
+/// A value a source left out because its sample was too old (see [`crate::prometheus`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StaleValue {
+    pub metric: &'static str,
+    pub pod: String,
+    /// Age of the sample when it was last read.
+    pub age_seconds: f64,
+}
+
 /// A metrics source.
 pub trait Source: Send + Sync {
     /// For logs and errors.
@@ -43,6 +52,16 @@ pub trait Source: Send + Sync {
     fn metrics(&self) -> Vec<&'static Metric>;
     /// Every pod's value of `metric` now (pods without a fresh value left out), sorted by pod.
     fn values<'a>(&'a self, metric: &'static Metric) -> BoxFuture<'a, Result<Vec<PodValue>>>;
+    /// Values left out of the last reads because their samples were older than the source's max age (a source
+    /// that ages its samples elsewhere, like the router's scraper, reports none).
+    fn stale(&self) -> Vec<StaleValue> {
+        Vec::new()
+    }
+    /// Admission's queues per pool × tier now; `None` when the source has no admission to read (the tier-queue
+    /// metrics are then not served).
+    fn tier_queues(&self) -> Option<Vec<TierQueue>> {
+        None
+    }
 }
 
 /// How a [`RouterSource`] gets samples.
@@ -64,6 +83,8 @@ pub struct RouterSource {
     feed: RouterFeed,
     /// Last merged replica read and when it was taken.
     cache: Mutex<Option<(tokio::time::Instant, Arc<Vec<PodSample>>)>>,
+    /// The router's admission queues, when it admits (in process only).
+    tiers: Option<Arc<dyn TierQueues>>,
 }
 
 impl RouterSource {
@@ -71,7 +92,14 @@ impl RouterSource {
         Self {
             feed,
             cache: Mutex::new(None),
+            tiers: None,
         }
+    }
+
+    /// Also serves admission's tier queues from `tiers`.
+    pub fn with_tier_queues(mut self, tiers: Arc<dyn TierQueues>) -> Self {
+        self.tiers = Some(tiers);
+        self
     }
 
     /// The current samples (cached for `ttl` when read from replicas).
@@ -158,5 +186,9 @@ impl Source for RouterSource {
             out.sort_by(|a, b| a.pod.cmp(&b.pod));
             Ok(out)
         })
+    }
+
+    fn tier_queues(&self) -> Option<Vec<TierQueue>> {
+        self.tiers.as_ref().map(|t| t.tier_queues())
     }
 }

@@ -10,7 +10,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{APIResourceList, Status};
 use metrics_adapter::api::{AdapterConfig, AdapterState, app};
-use metrics_adapter::catalog::METRICS;
+use metrics_adapter::catalog::{METRICS, TIER_METRICS, TierQueue, TierQueues};
 use metrics_adapter::source::{RouterFeed, RouterSource};
 use policies::pool::{PodSample, ScrapedSample};
 use serde_json::{Value, json};
@@ -291,6 +291,82 @@ async fn external_metrics_are_per_pool_and_never_an_empty_list() {
         json!([{"metricName":"weir_pool_num_requests_waiting","metricLabels":{"gpu":"A100-80"},
         "timestamp":"2026-11-24T10:00:00Z","window":1,"value":"0"}])
     );
+}
+
+/// Admission queues as the router's admission would report them.
+struct Queues(Vec<TierQueue>);
+
+impl TierQueues for Queues {
+    fn tier_queues(&self) -> Vec<TierQueue> {
+        self.0.clone()
+    }
+}
+
+#[tokio::test]
+async fn tier_queue_metrics_are_external_per_pool_and_tier_when_admission_is_known() {
+    let q = |pool: &str, tier: &str, queued: u64, wait: f64| TierQueue {
+        pool: pool.into(),
+        tier: tier.into(),
+        queued,
+        oldest_wait_seconds: wait,
+    };
+    let pods = Arc::new(fleet());
+    let s = Arc::new(AdapterState {
+        source: Arc::new(
+            RouterSource::new(RouterFeed::InProcess(Arc::new(move || (*pods).clone())))
+                .with_tier_queues(Arc::new(Queues(vec![
+                    q("llama-decode", "interactive", 0, 0.0),
+                    q("llama-decode", "batch", 12, 4.25),
+                ]))),
+        ),
+        config: AdapterConfig {
+            external: true,
+            ..AdapterConfig::default()
+        },
+        clock: Arc::new(|| NOW),
+    });
+    let (_, d) = get(&s, "/apis/external.metrics.k8s.io/v1beta1").await;
+    let list: APIResourceList = serde_json::from_value(d).unwrap();
+    assert_eq!(list.resources.len(), METRICS.len() + TIER_METRICS.len());
+    let ext = "/apis/external.metrics.k8s.io/v1beta1/namespaces/llm";
+    let (code, v) = get(
+        &s,
+        &format!("{ext}/weir_tier_queue_depth?labelSelector=tier%3Dbatch"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        v["items"],
+        json!([{"metricName":"weir_tier_queue_depth","metricLabels":{"pool":"llama-decode","tier":"batch"},
+            "timestamp":"2026-11-24T10:00:00Z","window":1,"value":"12"}])
+    );
+    let (_, w) = get(
+        &s,
+        &format!("{ext}/weir_tier_queue_wait_seconds?labelSelector=pool%3Dllama-decode"),
+    )
+    .await;
+    let values: Vec<&str> = w["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["0", "4250m"]);
+    // No queue for the pool: one "0" item, never an empty list.
+    let (_, z) = get(
+        &s,
+        &format!("{ext}/weir_tier_queue_depth?labelSelector=pool%3Dother"),
+    )
+    .await;
+    assert_eq!(z["items"][0]["value"], "0");
+    assert_eq!(z["items"][0]["metricLabels"], json!({"pool": "other"}));
+    let (_, p) = get(&s, "/metrics-api/pools").await;
+    assert_eq!(p["tier_queues"][1]["queued"], 12, "{p}");
+
+    // Without admission (the plain router source) the tier metrics are not served.
+    let plain = state(fleet(), true);
+    let (code, _) = get(&plain, &format!("{ext}/weir_tier_queue_depth")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]

@@ -343,6 +343,15 @@ impl Scheduler {
         self.bands[tier.rank()].queued
     }
 
+    /// When the longest-waiting request of `tier` was enqueued; `None` for an empty queue.
+    pub fn oldest_enqueued(&self, tier: Tier) -> Option<Instant> {
+        self.bands[tier.rank()]
+            .flows
+            .values()
+            .flat_map(|f| f.queue.iter().map(|r| r.enqueued_at))
+            .min()
+    }
+
     /// Whether `id` is waiting (in `tenant`'s queue of `tier`).
     pub fn is_queued(&self, id: RequestId, tenant: &str, tier: Tier) -> bool {
         self.bands[tier.rank()]

@@ -3,11 +3,13 @@
 //! - `weir serve` / `weir demo` with `--metrics-adapter-listen` serve it from the router's own live samples
 //!   ([`router::pods::PodsHandle`]: the scraper's numbers and the router's in-flight counts as the picker sees them,
 //!   no second scrape);
-//! - `weir metrics-adapter --router URL..` serves it standalone, reading router replicas' `GET /debug/pods`.
+//! - `weir metrics-adapter --router URL..` serves it standalone, reading router replicas' `GET /debug/pods`;
+//! - `weir metrics-adapter --prometheus URL` serves it standalone from Prometheus ([`metrics_adapter::prometheus`]).
 //!
 //! Either way the metrics APIs are HTTPS ([`super::tls`]): a given PEM certificate and key, or a self-signed one made
 //! at start. `--keda-scaler-listen` adds KEDA's external scaler ([`metrics_adapter::keda`], plaintext gRPC) on its
-//! own listener, over the same samples.
+//! own listener, over the same samples. In the router, with admission on, both also serve admission's queue depth
+//! and oldest wait per pool × tier (`weir_tier_queue_depth`, `weir_tier_queue_wait_seconds`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,6 +19,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use metrics_adapter::api::{AdapterConfig, AdapterState};
+use metrics_adapter::catalog::{TierQueue, TierQueues};
+use metrics_adapter::prometheus::{PrometheusConfig, PrometheusSource};
 use metrics_adapter::source::{RouterFeed, RouterSource, Source};
 use serde_json::{Map, Value};
 
@@ -130,6 +134,24 @@ async fn serve_https(
     Ok(addr)
 }
 
+/// The router's admission queues as the adapter's tier queues.
+struct AdmissionQueues(admission::Admission);
+
+impl TierQueues for AdmissionQueues {
+    fn tier_queues(&self) -> Vec<TierQueue> {
+        self.0
+            .tier_queues(tokio::time::Instant::now().into_std())
+            .into_iter()
+            .map(|q| TierQueue {
+                pool: q.pool,
+                tier: q.tier.as_str().to_string(),
+                queued: q.queued,
+                oldest_wait_seconds: q.oldest_wait.as_secs_f64(),
+            })
+            .collect()
+    }
+}
+
 /// Starts what `args` asks for beside the router `router`; the fields to add to the command's first stdout line
 /// (`"metrics_adapter": "https://127.0.0.1:PORT"`, `"keda_scaler": "127.0.0.1:PORT"`), none when nothing is asked.
 pub async fn start(
@@ -139,9 +161,11 @@ pub async fn start(
 ) -> anyhow::Result<Map<String, Value>> {
     let mut out = Map::new();
     let pods = router::pods::PodsHandle::from_state(router);
-    let source: Arc<dyn Source> = Arc::new(RouterSource::new(RouterFeed::InProcess(Arc::new(
-        move || pods.samples(),
-    ))));
+    let mut source = RouterSource::new(RouterFeed::InProcess(Arc::new(move || pods.samples())));
+    if let Some(adm) = &router.admission {
+        source = source.with_tier_queues(Arc::new(AdmissionQueues(adm.clone())));
+    }
+    let source: Arc<dyn Source> = Arc::new(source);
     if let Some(listen) = &args.keda_scaler_listen {
         let addr = serve_keda(listen, source.clone()).await?;
         out.insert("keda_scaler".into(), addr.to_string().into());
@@ -170,8 +194,31 @@ pub async fn start(
 #[derive(Args, Debug)]
 pub struct MetricsAdapterArgs {
     /// A router replica's base URL (`http://weir-router-0.weir:8080`). Repeatable; the replicas' views are merged.
-    #[arg(long = "router", required = true)]
+    #[arg(
+        long = "router",
+        required_unless_present = "prometheus",
+        conflicts_with = "prometheus"
+    )]
     routers: Vec<String>,
+    /// Read the metrics from this Prometheus (`http://prometheus.monitoring.svc:9090`) instead of router replicas:
+    /// one PromQL per metric (defaults: vLLM's KV-cache usage, waiting and running requests; see
+    /// `metrics_adapter::prometheus`).
+    #[arg(long, value_name = "URL")]
+    prometheus: Option<String>,
+    /// A metric's PromQL, `METRIC=PROMQL` (`num_requests_waiting=sum by (pod) (vllm:num_requests_waiting)`);
+    /// one series per pod. Repeatable.
+    #[arg(long, requires = "prometheus", value_name = "METRIC=PROMQL")]
+    prometheus_query: Vec<String>,
+    /// A metric's sample-time PromQL, `METRIC=PROMQL` (default `timestamp(<its query>)`), for staleness.
+    #[arg(long, requires = "prometheus", value_name = "METRIC=PROMQL")]
+    prometheus_timestamp_query: Vec<String>,
+    /// A sample older than this is not served (the pod is missing instead).
+    #[arg(long, default_value = "45s")]
+    prometheus_max_age: String,
+    /// Which series label carries a pod field, `FIELD=LABEL` (fields: pod, pool, model, role, gpu; defaults
+    /// pod=pod,instance pool=pool model=model_name role=role gpu=gpu). Repeatable.
+    #[arg(long, requires = "prometheus", value_name = "FIELD=LABEL")]
+    prometheus_label: Vec<String>,
     /// HTTPS listen address for the metrics APIs (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:6443")]
     listen: String,
@@ -185,7 +232,7 @@ pub struct MetricsAdapterArgs {
     /// window.
     #[arg(long, default_value = "1s")]
     cache_ttl: String,
-    /// Per-replica request timeout.
+    /// Per-replica (or per-Prometheus-query) request timeout.
     #[arg(long, default_value = "2s")]
     timeout: String,
     /// PEM certificate chain (with --tls-key); without it a self-signed certificate is made at start.
@@ -199,6 +246,35 @@ pub struct MetricsAdapterArgs {
     keda_scaler_listen: Option<String>,
 }
 
+/// The Prometheus source's settings from the flags, when `--prometheus` is given.
+fn prometheus_config(
+    args: &MetricsAdapterArgs,
+    ttl: Duration,
+    timeout: Duration,
+) -> anyhow::Result<Option<PrometheusConfig>> {
+    let Some(url) = &args.prometheus else {
+        return Ok(None);
+    };
+    let mut c = PrometheusConfig::new(url);
+    c.ttl = ttl;
+    c.timeout = timeout;
+    c.max_age = router::config::parse_duration("--prometheus-max-age", &args.prometheus_max_age)?;
+    for q in &args.prometheus_query {
+        c.set_query(q, false)
+            .map_err(|e| anyhow::anyhow!("--prometheus-query {e}"))?;
+    }
+    for q in &args.prometheus_timestamp_query {
+        c.set_query(q, true)
+            .map_err(|e| anyhow::anyhow!("--prometheus-timestamp-query {e}"))?;
+    }
+    for l in &args.prometheus_label {
+        c.labels
+            .set(l)
+            .map_err(|e| anyhow::anyhow!("--prometheus-label {e}"))?;
+    }
+    Ok(Some(c))
+}
+
 /// `weir metrics-adapter`: prints `{"listen":"https://ADDR"}` once bound, serves until SIGTERM or Ctrl-C.
 pub fn run(args: MetricsAdapterArgs) -> anyhow::Result<()> {
     let ttl = router::config::parse_duration("--cache-ttl", &args.cache_ttl)?;
@@ -208,13 +284,17 @@ pub fn run(args: MetricsAdapterArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let prometheus = prometheus_config(&args, ttl, timeout)?;
     rt.block_on(async move {
-        let source: Arc<dyn Source> = Arc::new(RouterSource::new(RouterFeed::Replicas {
-            urls: args.routers.clone(),
-            client: reqwest::Client::new(),
-            timeout,
-            ttl,
-        }));
+        let source: Arc<dyn Source> = match prometheus {
+            Some(c) => Arc::new(PrometheusSource::new(c)?),
+            None => Arc::new(RouterSource::new(RouterFeed::Replicas {
+                urls: args.routers.clone(),
+                client: reqwest::Client::new(),
+                timeout,
+                ttl,
+            })),
+        };
         let mut line = Map::new();
         if let Some(listen) = &args.keda_scaler_listen {
             let addr = serve_keda(listen, source.clone()).await?;
@@ -222,7 +302,8 @@ pub fn run(args: MetricsAdapterArgs) -> anyhow::Result<()> {
         }
         let state = adapter_state(source, args.external, args.namespace.clone(), ttl);
         let addr = serve_https(&args.listen, tls, state).await?;
-        tracing::info!(%addr, routers = ?args.routers, external = args.external, "weir metrics-adapter listening");
+        tracing::info!(%addr, routers = ?args.routers, prometheus = ?args.prometheus, external = args.external,
+            "weir metrics-adapter listening");
         line.insert("listen".into(), format!("https://{addr}").into());
         {
             let mut out = std::io::stdout().lock();
