@@ -169,7 +169,6 @@ pub fn routed(destination: &str, set: &[(&str, &[u8])], remove: &[&str]) -> Proc
                 header_mutation: Some(HeaderMutation {
                     set_headers,
                     remove_headers: remove.iter().map(|s| s.to_string()).collect(),
-                    ..Default::default()
                 }),
                 ..Default::default()
             }),
@@ -251,7 +250,7 @@ pub fn immediate(status: u16, headers: &HeaderMap, body: Bytes) -> ProcessingRes
             }),
             headers: Some(HeaderMutation {
                 set_headers,
-                ..Default::default()
+                remove_headers: Vec::new(),
             }),
             body: body.to_vec(),
             details: "weir_endpoint_picker".to_string(),
