@@ -2,6 +2,8 @@
 //! request through it is served by one of the fleet's pods, with prefix caching visible on the pods.
 
 mod common;
+// deploy/ checked offline and against a Prometheus scraping `weir demo` (folded in here: one binary links weir once).
+mod deploy_manifests;
 
 use common::{MODEL, Weir, post_json_full, scrape};
 use serde_json::json;

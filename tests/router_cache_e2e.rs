@@ -316,3 +316,428 @@ async fn failing_prefill_pod_falls_back_to_colocated() {
         1.0
     );
 }
+
+/// Envoy's side of one ext_proc stream (one HTTP request), as a gateway in front of an InferencePool plays it.
+mod envoy {
+    use std::collections::BTreeMap;
+
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Ans;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, body_mutation,
+    };
+    use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+    use tokio::sync::mpsc;
+
+    pub struct Stream {
+        tx: mpsc::Sender<ProcessingRequest>,
+        rx: tonic::Streaming<ProcessingResponse>,
+    }
+
+    /// What the picker answered to the request: the routing (header, metadata, other header edits, body) or an
+    /// immediate response.
+    #[derive(Debug, Default)]
+    pub struct Answer {
+        pub destination: String,
+        pub metadata_destination: String,
+        pub set: BTreeMap<String, String>,
+        pub removed: Vec<String>,
+        pub body: Vec<u8>,
+        pub immediate: Option<(u16, BTreeMap<String, String>, String)>,
+    }
+
+    fn headers(kv: &[(&str, &str)]) -> Option<HeaderMap> {
+        Some(HeaderMap {
+            headers: kv
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: k.to_string(),
+                    raw_value: v.as_bytes().to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    }
+
+    fn string(v: &Value) -> String {
+        match &v.kind {
+            Some(Kind::StringValue(s)) => s.clone(),
+            other => panic!("not a string: {other:?}"),
+        }
+    }
+
+    impl Stream {
+        pub async fn open(addr: &str) -> Stream {
+            let mut c = ExternalProcessorClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let (tx, rx) = mpsc::channel::<ProcessingRequest>(8);
+            let out =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+                );
+            let rx = c.process(out).await.unwrap().into_inner();
+            Stream { tx, rx }
+        }
+
+        async fn send(&self, m: Msg, metadata: Option<Metadata>) {
+            let req = ProcessingRequest {
+                request: Some(m),
+                metadata_context: metadata,
+                ..Default::default()
+            };
+            self.tx.send(req).await.unwrap();
+        }
+
+        async fn next_full(&mut self) -> ProcessingResponse {
+            tokio::time::timeout(std::time::Duration::from_secs(20), self.rx.message())
+                .await
+                .expect("an answer from the picker in time")
+                .unwrap()
+                .expect("the picker closed the stream")
+        }
+
+        async fn next(&mut self) -> Ans {
+            self.next_full().await.response.expect("a response")
+        }
+
+        /// Sends the request (headers, then the body in two chunks, as Envoy streams it) and reads the answer.
+        pub async fn request(
+            &mut self,
+            path: &str,
+            extra: &[(&str, &str)],
+            body: &[u8],
+            subset: Option<&[&str]>,
+        ) -> Answer {
+            let len = body.len().to_string();
+            let mut kv = vec![
+                (":method", "POST"),
+                (":path", path),
+                (":authority", "gateway"),
+                ("content-type", "application/json"),
+                ("content-length", len.as_str()),
+            ];
+            kv.extend_from_slice(extra);
+            let metadata = subset.map(|s| Metadata {
+                filter_metadata: [(
+                    "envoy.lb.subset_hint".to_string(),
+                    Struct {
+                        fields: [(
+                            "x-gateway-destination-endpoint-subset".to_string(),
+                            Value {
+                                kind: Some(Kind::ListValue(ListValue {
+                                    values: s
+                                        .iter()
+                                        .map(|x| Value {
+                                            kind: Some(Kind::StringValue(x.to_string())),
+                                        })
+                                        .collect(),
+                                })),
+                            },
+                        )]
+                        .into(),
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            });
+            self.send(
+                Msg::RequestHeaders(HttpHeaders {
+                    headers: headers(&kv),
+                    ..Default::default()
+                }),
+                metadata,
+            )
+            .await;
+            let (a, b) = body.split_at(body.len() / 2);
+            for (chunk, eos) in [(a, false), (b, true)] {
+                self.send(
+                    Msg::RequestBody(HttpBody {
+                        body: chunk.to_vec(),
+                        end_of_stream: eos,
+                        ..Default::default()
+                    }),
+                    None,
+                )
+                .await;
+            }
+            let mut ans = Answer::default();
+            let first = self.next_full().await;
+            if first.dynamic_metadata.is_some() {
+                ans.metadata_destination = metadata_destination(&first);
+            }
+            match first.response.expect("a response") {
+                Ans::ImmediateResponse(i) => {
+                    let h = i
+                        .headers
+                        .unwrap_or_default()
+                        .set_headers
+                        .into_iter()
+                        .map(|o| {
+                            let h = o.header.unwrap();
+                            (h.key, String::from_utf8(h.raw_value).unwrap())
+                        })
+                        .collect();
+                    ans.immediate = Some((
+                        i.status.unwrap().code as u16,
+                        h,
+                        String::from_utf8(i.body).unwrap(),
+                    ));
+                    return ans;
+                }
+                Ans::RequestHeaders(h) => {
+                    let c = h.response.unwrap();
+                    assert!(c.clear_route_cache, "the route cache is cleared");
+                    let m = c.header_mutation.unwrap();
+                    for o in m.set_headers {
+                        let h = o.header.unwrap();
+                        ans.set
+                            .insert(h.key, String::from_utf8(h.raw_value).unwrap());
+                    }
+                    ans.removed = m.remove_headers;
+                }
+                other => panic!("expected the request-headers answer, got {other:?}"),
+            }
+            ans.destination = ans
+                .set
+                .get("x-gateway-destination-endpoint")
+                .cloned()
+                .unwrap_or_default();
+            loop {
+                match self.next().await {
+                    Ans::RequestBody(b) => {
+                        match b.response.unwrap().body_mutation.unwrap().mutation {
+                            Some(body_mutation::Mutation::StreamedResponse(s)) => {
+                                ans.body.extend_from_slice(&s.body);
+                                if s.end_of_stream {
+                                    break;
+                                }
+                            }
+                            other => panic!("expected a streamed body, got {other:?}"),
+                        }
+                    }
+                    other => panic!("expected the request body, got {other:?}"),
+                }
+            }
+            ans
+        }
+
+        /// Plays the model server's answer through Envoy: response headers and one body chunk, each passed on.
+        pub async fn respond(&mut self, status: u16, body: &[u8]) {
+            let status = status.to_string();
+            self.send(
+                Msg::ResponseHeaders(HttpHeaders {
+                    headers: headers(&[(":status", &status), ("content-type", "application/json")]),
+                    ..Default::default()
+                }),
+                None,
+            )
+            .await;
+            assert!(matches!(self.next().await, Ans::ResponseHeaders(_)));
+            self.send(
+                Msg::ResponseBody(HttpBody {
+                    body: body.to_vec(),
+                    end_of_stream: true,
+                    ..Default::default()
+                }),
+                None,
+            )
+            .await;
+            match self.next().await {
+                Ans::ResponseBody(b) => match b.response.unwrap().body_mutation.unwrap().mutation {
+                    Some(body_mutation::Mutation::StreamedResponse(s)) => {
+                        assert_eq!(s.body, body, "the response body passes unchanged");
+                        assert!(s.end_of_stream);
+                    }
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("expected the response body, got {other:?}"),
+            }
+        }
+    }
+
+    /// The dynamic metadata's destination (`envoy.lb` / `x-gateway-destination-endpoint`) of a headers answer.
+    fn metadata_destination(r: &ProcessingResponse) -> String {
+        let ns = &r.dynamic_metadata.as_ref().unwrap().fields["envoy.lb"];
+        match &ns.kind {
+            Some(Kind::StructValue(s)) => string(&s.fields["x-gateway-destination-endpoint"]),
+            other => panic!("envoy.lb is not a struct: {other:?}"),
+        }
+    }
+}
+
+/// `weir serve --config <cache-aware pool over urls> --ext-proc-listen 127.0.0.1:0 <extra>`; the router and the
+/// picker's address.
+async fn serve_with_picker(urls: &[String], extra: &[&str]) -> (Weir, String) {
+    let cfg = format!(
+        "listen: 127.0.0.1:0\npools:\n  - name: {MODEL}\n    endpoints: [{}]\n    policy: {{kind: cache-aware}}\n",
+        urls.join(", ")
+    );
+    let path = std::env::temp_dir().join(format!(
+        "weir-ext-proc-{}-{}.yaml",
+        std::process::id(),
+        urls.len()
+    ));
+    std::fs::write(&path, cfg).unwrap();
+    let mut args = vec![
+        "--config",
+        path.to_str().unwrap(),
+        "--ext-proc-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let r = Weir::serve(&args).await;
+    let epp = r.json()["ext_proc"]
+        .as_str()
+        .expect("the picker's address on the first line")
+        .to_string();
+    (r, epp)
+}
+
+const USAGE_BODY: &[u8] = br#"{"id":"c","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1234,"completion_tokens":5,"total_tokens":1239}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_proc_picks_the_pod_weir_serve_picks() {
+    let f = Weir::fleet(3, "50", &[]).await;
+    let u = f.urls();
+    let pods: BTreeSet<String> = u.iter().map(|x| endpoint_id(x)).collect();
+    let (r, epp) = serve_with_picker(&u, &[]).await;
+    let chat_url = format!("{}/v1/chat/completions", r.url());
+
+    // A prefix weir serve sent to a pod is held there: the picker sends the same prefix to that pod, with the
+    // other pods as fallbacks, as header and as `envoy.lb` metadata alike.
+    let ada = system_prompt("Ada");
+    let (st, served, _, b) = post(&chat_url, &chat(&ada, "Question 1?", 4)).await;
+    assert_eq!(st, 200, "{b}");
+    let body = serde_json::to_vec(&chat(&ada, "Question 2?", 4)).unwrap();
+    let mut e = envoy::Stream::open(&epp).await;
+    let a = e
+        .request(
+            "/v1/chat/completions",
+            &[
+                ("authorization", "Bearer sk-client"),
+                ("x-request-id", "gw-1"),
+            ],
+            &body,
+            None,
+        )
+        .await;
+    assert!(a.immediate.is_none(), "{a:?}");
+    let dests: Vec<String> = a.destination.split(',').map(str::to_string).collect();
+    assert_eq!(dests[0], served, "the picker picks weir serve's pod: {a:?}");
+    assert_eq!(a.metadata_destination, a.destination);
+    assert_eq!(
+        dests.iter().collect::<BTreeSet<_>>().len(),
+        dests.len(),
+        "{dests:?}"
+    );
+    assert!(
+        dests.len() >= 2 && dests.iter().all(|d| pods.contains(d)),
+        "{dests:?}"
+    );
+    assert_eq!(a.body, body, "same model name: the body passes unchanged");
+    assert_eq!(a.set["content-length"], body.len().to_string());
+    assert_eq!(a.set["x-request-id"], "gw-1");
+    assert!(a.removed.iter().any(|h| h == "authorization"), "{a:?}");
+    // The pod's answer passes through unchanged.
+    e.respond(200, USAGE_BODY).await;
+    drop(e);
+
+    // The other way round: a new prefix the picker placed (committed to the same prefix index) is where weir serve
+    // then sends it.
+    let bob = system_prompt("Bob");
+    let mut e = envoy::Stream::open(&epp).await;
+    let body = serde_json::to_vec(&chat(&bob, "Question 1?", 4)).unwrap();
+    let a = e.request("/v1/chat/completions", &[], &body, None).await;
+    let picked = a.destination.split(',').next().unwrap().to_string();
+    assert!(pods.contains(&picked), "{a:?}");
+    e.respond(200, USAGE_BODY).await;
+    drop(e);
+    let (st, served, _, b) = post(&chat_url, &chat(&bob, "Question 2?", 4)).await;
+    assert_eq!((st, served), (200, picked), "{b}");
+
+    // The subset hint: only its endpoints; none of the pool's in it is a 503.
+    let other = pods.iter().find(|p| **p != dests[0]).unwrap().clone();
+    let mut e = envoy::Stream::open(&epp).await;
+    let body = serde_json::to_vec(&chat(&ada, "Question 3?", 4)).unwrap();
+    let a = e
+        .request(
+            "/v1/chat/completions",
+            &[],
+            &body,
+            Some(&[other.as_str()][..]),
+        )
+        .await;
+    assert_eq!(a.destination, other, "{a:?}");
+    drop(e);
+    let mut e = envoy::Stream::open(&epp).await;
+    let a = e
+        .request(
+            "/v1/chat/completions",
+            &[],
+            &body,
+            Some(&["10.9.9.9:8000"][..]),
+        )
+        .await;
+    assert_eq!(a.immediate.as_ref().map(|i| i.0), Some(503), "{a:?}");
+
+    // Refusals are immediate responses in weir's OpenAI shape: an unknown model is a 404.
+    let mut e = envoy::Stream::open(&epp).await;
+    let body = br#"{"model":"nope","prompt":"x"}"#;
+    let a = e
+        .request("/v1/completions", &[("x-request-id", "gw-404")], body, None)
+        .await;
+    let (status, headers, text) = a.immediate.expect("an immediate response");
+    assert_eq!(status, 404);
+    assert_eq!(headers["x-request-id"], "gw-404");
+    let err: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(err["error"]["code"], "model_not_found", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_proc_fails_closed_or_open_when_no_endpoint_is_eligible() {
+    // A backend nothing listens on: one request through weir serve opens its breaker (threshold 1).
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let urls = vec![format!("http://{dead}")];
+    for mode in ["fail-close", "fail-open"] {
+        let (r, epp) = serve_with_picker(
+            &urls,
+            &[
+                "--breaker-threshold",
+                "1",
+                "--breaker-base-ejection",
+                "60s",
+                "--max-attempts",
+                "1",
+                "--ext-proc-failure-mode",
+                mode,
+            ],
+        )
+        .await;
+        let (st, _, _, b) = post(
+            &format!("{}/v1/chat/completions", r.url()),
+            &chat("sys", "q", 4),
+        )
+        .await;
+        assert_eq!(st, 503, "{b}");
+        let mut e = envoy::Stream::open(&epp).await;
+        let body = serde_json::to_vec(&chat("sys", "q", 4)).unwrap();
+        let a = e.request("/v1/chat/completions", &[], &body, None).await;
+        if mode == "fail-open" {
+            assert!(a.immediate.is_none(), "{a:?}");
+            assert_eq!(a.destination, dead, "fail-open names a pod of the pool");
+        } else {
+            let (status, headers, text) = a.immediate.expect("fail-close answers at once");
+            assert_eq!(status, 503, "{text}");
+            assert!(headers.contains_key("retry-after"), "{headers:?}");
+            let err: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(err["error"]["code"], "service_unavailable", "{err}");
+        }
+    }
+}

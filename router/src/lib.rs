@@ -15,6 +15,7 @@
 // 4. ctx (per-request context), plan (pure decisions of the proxy step)
 // 5. execute (the proxy step's I/O)
 // 6. pipeline (the phases), app (the service stack and the server)
+// 7. ext_proc (the phases behind a gateway: weir as its endpoint picker)
 pub mod app;
 pub mod client;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod decisions;
 pub mod discovery;
 pub mod error;
 pub mod execute;
+pub mod ext_proc;
 #[cfg(test)]
 mod front_door_tests;
 pub mod gate;

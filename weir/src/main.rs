@@ -50,7 +50,7 @@ enum Command {
     /// Run a simulated vLLM server, or a fleet of them.
     Sim(cmd::sim::SimArgs),
     /// Run the OpenAI-compatible router in front of model servers.
-    Serve(cmd::serve::ServeArgs),
+    Serve(Box<cmd::serve::ServeArgs>),
     /// Load-test any OpenAI-compatible server or router (open or closed loop) and report latency percentiles.
     Bench(cmd::bench::BenchArgs),
     /// Print the simulator's timing model against the reference measurements, per GPU profile.
@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     let result = match cli.command {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Sim(args) => cmd::sim::run(args),
-        Command::Serve(args) => cmd::serve::run(args),
+        Command::Serve(args) => cmd::serve::run(*args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Replay(args) => cmd::replay::run(args),

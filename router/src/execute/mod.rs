@@ -61,14 +61,15 @@ impl Outcome {
 }
 
 /// Releases the router's own counts for one endpoint attempt, and the breaker's half-open probe if no verdict came.
-pub(super) struct Attempt {
+/// Also held by [`crate::ext_proc`] for the request a gateway sends to its pick.
+pub(crate) struct Attempt {
     state: Arc<EndpointState>,
     tokens: u64,
     verdict: bool,
 }
 
 impl Attempt {
-    pub(super) fn new(state: Arc<EndpointState>, tokens: u64) -> Self {
+    pub(crate) fn new(state: Arc<EndpointState>, tokens: u64) -> Self {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
         state.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
         Self {
@@ -77,11 +78,11 @@ impl Attempt {
             verdict: false,
         }
     }
-    pub(super) fn success(&mut self) {
+    pub(crate) fn success(&mut self) {
         self.verdict = true;
         self.state.on_success();
     }
-    pub(super) fn failure(&mut self, now: std::time::Instant) {
+    pub(crate) fn failure(&mut self, now: std::time::Instant) {
         self.verdict = true;
         if self.state.on_failure(now) {
             tracing::warn!("circuit breaker opened");

@@ -94,6 +94,14 @@ pub struct ServeArgs {
     /// The metrics adapter beside the router (`--metrics-adapter-*`).
     #[command(flatten)]
     adapter: super::metrics_adapter::AdapterArgs,
+    /// Also serve as a Gateway API Inference Extension endpoint picker: Envoy ext_proc (gRPC, h2c) on this address
+    /// (the InferencePool's `endpointPickerRef`, port 9002 by convention; port 0 picks a free port).
+    #[arg(long, env = "WEIR_EXT_PROC_LISTEN", value_name = "ADDR")]
+    ext_proc_listen: Option<String>,
+    /// When the endpoint picker finds no eligible endpoint: `fail-close` answers 503, `fail-open` sends the request
+    /// to a random endpoint of the pool.
+    #[arg(long, default_value = "fail-close", requires = "ext_proc_listen")]
+    ext_proc_failure_mode: router::ext_proc::FailureMode,
 }
 
 pub(crate) fn raw_policy(name: &str) -> anyhow::Result<RawPolicy> {
@@ -292,6 +300,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(admission::PolicyWatcher::new(client, ns, adm.clone()).run());
         }
         let mut start_line = super::metrics_adapter::start(&args.adapter, &state, &config).await?;
+        if let Some(listen) = &args.ext_proc_listen {
+            let tcp = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the ext_proc endpoint picker on {listen}"))?;
+            let addr = tcp.local_addr()?;
+            let picker = router::ext_proc::Picker::new(state.clone(), args.ext_proc_failure_mode);
+            tokio::spawn(async move {
+                if let Err(e) = router::ext_proc::serve(tcp, picker, shutdown_signal()).await {
+                    tracing::error!(error = %e, "ext_proc endpoint picker stopped");
+                }
+            });
+            tracing::info!(%addr, mode = ?args.ext_proc_failure_mode, "ext_proc endpoint picker listening (grpc)");
+            start_line.insert("ext_proc".into(), addr.to_string().into());
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
