@@ -338,7 +338,11 @@ async fn without_tenants_the_queue_is_bounded_by_the_tier_cap_only() {
         waiting.push(f);
     }
     let e = adm.admit(&id, req("m"), now()).await.unwrap_err();
-    assert_eq!(e.reason, RejectReason::QueueFull, "the tier's cap, not the tenant's");
+    assert_eq!(
+        e.reason,
+        RejectReason::QueueFull,
+        "the tier's cap, not the tenant's"
+    );
     adm.set_room("p", 300);
     for f in &mut waiting {
         assert!(matches!(poll_once(f).await, Poll::Ready(Ok(_))));
