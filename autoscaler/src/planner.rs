@@ -117,9 +117,9 @@ fn mean(it: impl Iterator<Item = DemandSample>, len: Option<(f64, f64)>) -> Opti
     })
 }
 
-/// Least-squares slope of `f` over the samples, kept only when it is a trend rather than noise: the samples must
-/// span at least half of `window_s` and the slope must be at least two standard errors from zero (a t-test at ~95%).
-/// Otherwise 0. Per-tick token rates are noisy (Poisson arrivals, heavy-tailed prompt lengths); a slope fitted on a
+/// Least-squares slope of `f` over the samples, kept only as far as it is a trend rather than noise: the samples must
+/// span at least half of `window_s`, and the slope is shrunk toward zero by two standard errors (0 when it is within
+/// them: a t-test at ~95%). Per-tick token rates are noisy (Poisson arrivals, heavy-tailed prompt lengths); a slope fitted on a
 /// few of them and extrapolated over a cold start turns one long prompt into a phantom ramp (regression:
 /// `a_few_noisy_samples_are_not_a_trend`).
 fn trend(samples: &[DemandSample], window_s: f64, f: impl Fn(&DemandSample) -> f64) -> f64 {
@@ -149,7 +149,12 @@ fn trend(samples: &[DemandSample], window_s: f64, f: impl Fn(&DemandSample) -> f
         })
         .sum();
     let se = (resid / (n - 2.0) / den).sqrt();
-    if b.abs() >= 2.0 * se { b } else { 0.0 }
+    // Soft threshold: the slope's near edge of its two-standard-error band, not the slope itself. A hard threshold let
+    // about one tick in twenty of a flat noisy load pass with a slope of two standard errors, whose extrapolation
+    // over the cold start lifted the plan over the fleet's capacity: a pod added, removed after the scale-down delay,
+    // added again (CI found level 1.6 req/s, 9% noise: cost moves +0.8, -0.8, +0.8 USD/h). A real ramp, many
+    // standard errors from zero, loses almost nothing.
+    (b.abs() - 2.0 * se).max(0.0) * b.signum()
 }
 
 impl Planner {
@@ -568,15 +573,15 @@ mod tests {
             let rates: Vec<f64> = (0..1440).map(|_| level * (1.0 + noise * (rng.random::<f64>() * 2.0 - 1.0))).collect();
             let mut p = planner();
             let recs = drive(&mut p, &rates, vec![0, 0]);
-            // After the first 10 minutes, the fleet's cost settles: over the next 110 it turns back at most once,
-            // and never flip-flops (down-up-down or up-down-up). CI found a flat 50 req/s load with 10% noise
-            // (seed 647) where the planner scaled down twice and then added back a small pod (moves -68.8, -4.8,
-            // +3.2 USD/h): one small correction, not an oscillation. The stricter "no reversal at all" of the last
-            // change did not hold for every seed.
+            // After the first 10 minutes, the fleet's cost settles: over the next 110 it may still step in one
+            // direction (down as the scale-down delay passes, or up once), but never turns back. CI found two seeds
+            // where it did (a flat 50 req/s with 10% noise: -68.8, -4.8, +3.2 USD/h; 1.6 req/s with 9%: +0.8, -0.8,
+            // +0.8): a noise slope that passed the trend's t-test was extrapolated over the cold start. The trend is now
+            // shrunk by its two standard errors; 3,000 cases of `PROPTEST_CASES=3000` hold without any reversal.
             let costs: Vec<f64> = recs[120..].iter().map(|r| r.cost_per_hour).collect();
             let moves: Vec<f64> = costs.windows(2).map(|w| w[1] - w[0]).filter(|d| d.abs() > 1e-9).collect();
             let reversals = moves.windows(2).filter(|m| m[0].signum() != m[1].signum()).count();
-            prop_assert!(reversals <= 1, "cost moves {moves:?}");
+            prop_assert!(reversals == 0, "cost moves {moves:?}");
         }
 
         #[test]
