@@ -527,20 +527,31 @@ mod envoy {
 
         /// Plays the model server's answer through Envoy: response headers and one body chunk, each passed on.
         pub async fn respond(&mut self, status: u16, body: &[u8]) {
+            self.respond_head(status, "application/json").await;
+            self.respond_chunk(body, true).await;
+        }
+
+        /// The response headers of the pod's answer; the picker passes them on.
+        pub async fn respond_head(&mut self, status: u16, content_type: &str) {
             let status = status.to_string();
             self.send(
                 Msg::ResponseHeaders(HttpHeaders {
-                    headers: headers(&[(":status", &status), ("content-type", "application/json")]),
+                    headers: headers(&[(":status", &status), ("content-type", content_type)]),
                     ..Default::default()
                 }),
                 None,
             )
             .await;
             assert!(matches!(self.next().await, Ans::ResponseHeaders(_)));
+        }
+
+        /// One response body chunk (`eos`: the response's last); the picker passes it on unchanged. Envoy's side of
+        /// the exchange stays open either way.
+        pub async fn respond_chunk(&mut self, body: &[u8], eos: bool) {
             self.send(
                 Msg::ResponseBody(HttpBody {
                     body: body.to_vec(),
-                    end_of_stream: true,
+                    end_of_stream: eos,
                     ..Default::default()
                 }),
                 None,
@@ -550,7 +561,7 @@ mod envoy {
                 Ans::ResponseBody(b) => match b.response.unwrap().body_mutation.unwrap().mutation {
                     Some(body_mutation::Mutation::StreamedResponse(s)) => {
                         assert_eq!(s.body, body, "the response body passes unchanged");
-                        assert!(s.end_of_stream);
+                        assert_eq!(s.end_of_stream, eos);
                     }
                     other => panic!("{other:?}"),
                 },
@@ -576,11 +587,10 @@ async fn serve_with_picker(urls: &[String], extra: &[&str]) -> (Weir, String) {
         "listen: 127.0.0.1:0\npools:\n  - name: {MODEL}\n    endpoints: [{}]\n    policy: {{kind: cache-aware}}\n",
         urls.join(", ")
     );
-    let path = std::env::temp_dir().join(format!(
-        "weir-ext-proc-{}-{}.yaml",
-        std::process::id(),
-        urls.len()
-    ));
+    // One file per call: the tests of this binary run at once.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("weir-ext-proc-{}-{n}.yaml", std::process::id()));
     std::fs::write(&path, cfg).unwrap();
     let mut args = vec![
         "--config",
@@ -740,4 +750,140 @@ async fn ext_proc_fails_closed_or_open_when_no_endpoint_is_eligible() {
             assert_eq!(err["error"]["code"], "service_unavailable", "{err}");
         }
     }
+}
+
+/// A vLLM chat completion (non-streaming), usage 1234 + 5 tokens.
+const VLLM_CHAT: &[u8] = br#"{"id":"chatcmpl-7f3a","object":"chat.completion","created":1765152000,"model":"meta-llama/Llama-3.1-8B-Instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Paged attention.","tool_calls":[]},"logprobs":null,"finish_reason":"length","stop_reason":null}],"usage":{"prompt_tokens":1234,"total_tokens":1239,"completion_tokens":5,"prompt_tokens_details":null},"prompt_logprobs":null,"kv_transfer_params":null}"#;
+
+/// A vLLM chat stream with `include_usage`, in the chunks Envoy might hand over (the usage event split across two);
+/// usage 77 + 3 tokens.
+const VLLM_STREAM: [&[u8]; 4] = [
+    b"data: {\"id\":\"chatcmpl-9b1c\",\"object\":\"chat.completion.chunk\",\"created\":1765152000,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\ndata: {\"id\":\"chatcmpl-9b1c\",\"object\":\"chat.completion.chunk\",\"created\":1765152000,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Paged attention\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n",
+    b"data: {\"id\":\"chatcmpl-9b1c\",\"object\":\"chat.completion.chunk\",\"created\":1765152000,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\".\"},\"logprobs\":null,\"finish_reason\":\"length\",\"stop_reason\":null}]}\n\ndata: {\"id\":\"chatcmpl-9b1c\",\"object\":\"chat.completion.chunk\",\"created\":1765152000,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":77,",
+    b"\"total_tokens\":80,\"completion_tokens\":3}}\n\n",
+    b"data: [DONE]\n\n",
+];
+
+/// What the router counted: prompt and completion tokens, requests in flight (router-wide and per endpoint),
+/// requests answered 200, and the ledger's completed and cancelled permits with their tokens.
+#[derive(Debug, PartialEq)]
+struct Counted {
+    tokens: (f64, f64),
+    in_flight: (f64, f64),
+    ok: f64,
+    ledger: (u64, u64, u64, u64),
+}
+
+async fn counted(router: &str) -> Counted {
+    let m = scrape(router).await;
+    let usage: Value =
+        serde_json::from_str(&get_text(&format!("{router}/v1/usage")).await).unwrap();
+    let sum = |k: &str| -> u64 {
+        usage["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[k].as_u64().unwrap())
+            .sum()
+    };
+    Counted {
+        tokens: (
+            metric_sum(&m, "weir_tokens_total", "Prompt"),
+            metric_sum(&m, "weir_tokens_total", "Completion"),
+        ),
+        in_flight: (
+            metric_sum(&m, "weir_requests_in_flight", ""),
+            metric_sum(&m, "weir_endpoint_in_flight", ""),
+        ),
+        ok: metric_sum(&m, "weir_requests_total", "status=\"200\""),
+        ledger: (
+            sum("completed"),
+            sum("cancelled"),
+            sum("prompt_tokens"),
+            sum("completion_tokens"),
+        ),
+    }
+}
+
+/// The account phase runs at the response's end of stream while Envoy still holds its side of the exchange open: the
+/// usage of a JSON answer, then of a stream's usage chunk, reaches `weir_tokens_total` and the ledger once, and the
+/// in-flight counts drop to 0; closing the exchange afterwards counts nothing again. An exchange closed before its
+/// response ended is settled once, as cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_proc_accounts_usage_once_at_the_response_end() {
+    let f = Weir::fleet(1, "50", &[]).await;
+    let (r, epp) = serve_with_picker(&f.urls(), &[]).await;
+    let body = serde_json::to_vec(&chat("sys", "q", 4)).unwrap();
+    let settled = async |want: &Counted| {
+        eventually(Duration::from_secs(10), "the counts", async || {
+            counted(r.url()).await == *want
+        })
+        .await;
+    };
+
+    // JSON: counted when the body ends, the exchange still open.
+    let mut e = envoy::Stream::open(&epp).await;
+    let a = e.request("/v1/chat/completions", &[], &body, None).await;
+    assert!(a.immediate.is_none(), "{a:?}");
+    let c = counted(r.url()).await;
+    assert_eq!((c.in_flight.0, c.ledger), (1.0, (0, 0, 0, 0)), "{c:?}");
+    e.respond(200, VLLM_CHAT).await;
+    let c = counted(r.url()).await;
+    assert_eq!(
+        (c.tokens, c.in_flight.0, c.ok, c.ledger),
+        ((1234.0, 5.0), 0.0, 1.0, (1, 0, 1234, 5)),
+        "counted at the response's end, before the exchange closes: {c:?}"
+    );
+    drop(e);
+
+    // SSE: the usage chunk (split across body chunks) counted at the last chunk, the exchange still open.
+    let mut e = envoy::Stream::open(&epp).await;
+    e.request("/v1/chat/completions", &[], &body, None).await;
+    e.respond_head(200, "text/event-stream").await;
+    for (i, chunk) in VLLM_STREAM.iter().enumerate() {
+        e.respond_chunk(chunk, i + 1 == VLLM_STREAM.len()).await;
+    }
+    let both = Counted {
+        tokens: (1311.0, 8.0),
+        in_flight: (0.0, 0.0),
+        ok: 2.0,
+        ledger: (2, 0, 1311, 8),
+    };
+    let c = counted(r.url()).await;
+    assert_eq!(
+        (c.tokens, c.in_flight.0, c.ok, c.ledger),
+        (both.tokens, 0.0, both.ok, both.ledger),
+        "{c:?}"
+    );
+    settled(&both).await;
+    let m = scrape(r.url()).await;
+    assert_eq!(
+        metric_sum(&m, "weir_stream_outcomes_total", "Complete"),
+        1.0
+    );
+    drop(e);
+
+    // Closed before its response ended: settled once, cancelled (its head's status counted, no usage seen).
+    let mut e = envoy::Stream::open(&epp).await;
+    e.request("/v1/chat/completions", &[], &body, None).await;
+    e.respond_head(200, "text/event-stream").await;
+    e.respond_chunk(VLLM_STREAM[0], false).await;
+    assert_eq!(counted(r.url()).await.in_flight.0, 1.0);
+    drop(e);
+    settled(&Counted {
+        ok: 3.0,
+        ledger: (2, 1, 1311, 8),
+        ..both
+    })
+    .await;
+    let m = scrape(r.url()).await;
+    assert_eq!(
+        metric_sum(&m, "weir_stream_outcomes_total", "Cancelled"),
+        1.0
+    );
+    // The earlier exchanges' closes counted nothing again.
+    assert_eq!(
+        metric_sum(&m, "weir_stream_outcomes_total", "Complete"),
+        1.0
+    );
 }

@@ -33,6 +33,9 @@ pub struct Ctx {
     pub permit: Option<admission::Permit>,
     /// The tenant's limit states after admission decided (`x-ratelimit-*` headers on the answer).
     pub rate: Option<admission::RateHeaders>,
+    /// The latest the request may still be dispatched, when its caller stops waiting at a known time (a gateway's
+    /// ext_proc message timeout); admission rejects it past this or its tenant's maximum wait, whichever is first.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl Ctx {
@@ -54,6 +57,7 @@ impl Ctx {
             tenant: None,
             permit: None,
             rate: None,
+            deadline: None,
         }
     }
 }

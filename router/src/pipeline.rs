@@ -167,7 +167,7 @@ pub async fn admit(
             pool: snap.pools[plan.pool].name.to_string(),
             prompt_tokens: u64::from(ctx.view.estimated_prompt_tokens()),
             max_tokens: ctx.view.max_tokens.map(u64::from),
-            deadline: None,
+            deadline: ctx.deadline,
         };
         let waiting = adm.admit(who, req, tokio::time::Instant::now().into_std());
         let permit = match gone {
@@ -466,6 +466,33 @@ mod tests {
             ),
             (1, 1, 3, 5)
         );
+    }
+
+    #[tokio::test]
+    async fn admit_rejects_a_queued_request_at_the_callers_deadline() {
+        // No room feed: the pools' room is what the test sets, none.
+        let app = app_with(&format!("{}\nadmission: {{gate: false}}", tenants_yaml()));
+        let adm = app.admission.as_ref().unwrap();
+        for pool in ["a", "b"] {
+            adm.set_room_reserved(pool, 0, 0);
+        }
+        let snap = app.snapshot.load_full();
+        let mut c = ctx(r#"{"model":"m","prompt":"x"}"#);
+        c.tenant = adm.identify(Some(KEY_A)).ok();
+        // The tenant would wait 60 s; the caller's deadline (a gateway's message timeout) comes first.
+        c.deadline =
+            Some(tokio::time::Instant::now().into_std() + std::time::Duration::from_millis(30));
+        let route_ = resolve(&snap, &c).unwrap();
+        let plan = route(&app, &snap, route_, &c).unwrap();
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            admit(&app, &snap, route_, &plan, &mut c, None),
+        )
+        .await
+        .expect("refused at the deadline, not after the tenant's maximum wait");
+        let e = waited.unwrap_err();
+        assert_eq!((e.status, e.code.as_deref()), (429, Some("queue_timeout")));
+        assert_eq!(app.active_requests.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use policies::pick::{NoEligibleEndpoint, RequestView as PickView};
 use rand_core::RngCore;
 
 use crate::metrics::RetryReason;
-use crate::route::{Decided, Prepared};
+use crate::route::{CacheMetrics, Decided, Prepared};
 use crate::snapshot::{EndpointSnapshot, Pool, Route};
 
 /// The request view the router works from: the body as received plus the fields it routes on.
@@ -121,6 +121,29 @@ pub fn upstream_body(
     serde_json::to_vec(&v)
         .map(Bytes::from)
         .map_err(|e| ApiError::new(500, "server_error", e.to_string()))
+}
+
+/// What the pickers see of a request, computed once per request (not per attempt): a cache-aware pool's prompt
+/// tokenized, hashed and looked up, its session from `x-session-id` (other pools never pay for it), and the pick view,
+/// whose prompt size is that token count, else the byte estimate.
+pub fn prepare(
+    pool: &Pool,
+    view: &View,
+    headers: &HeaderMap,
+    now: Instant,
+    metrics: &CacheMetrics,
+) -> (Option<Prepared>, PickView) {
+    let prep = pool.cache.as_ref().map(|c| {
+        let session = headers.get("x-session-id").and_then(|v| v.to_str().ok());
+        c.prepare(view, session, now, metrics)
+    });
+    let rv = PickView {
+        prompt_tokens: prep
+            .as_ref()
+            .map_or(view.estimated_prompt_tokens(), |p| p.prompt_tokens),
+        max_tokens: view.max_tokens,
+    };
+    (prep, rv)
 }
 
 /// The candidates of one attempt: every pool endpoint's view at `now`, those already `tried` unavailable.

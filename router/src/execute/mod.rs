@@ -16,7 +16,6 @@ use hyper::StatusCode;
 use hyper::header;
 use policies::endpoint::EndpointId;
 use policies::errors::ApiError;
-use policies::pick::RequestView as PickView;
 
 use self::prefill::run_prefill_leg;
 use self::stream::{StreamParts, stream_body};
@@ -130,25 +129,13 @@ pub async fn execute(
     let routing = &snap.routing;
     let cache = pool.cache.as_ref();
     let cfg = &app.proxy;
-    // Cache-aware pools tokenize and look the prompt up once per request; other pools never pay for it.
-    let prep = cache.map(|c| {
-        let session = ctx
-            .headers
-            .get("x-session-id")
-            .and_then(|v| v.to_str().ok());
-        c.prepare(
-            &ctx.view,
-            session,
-            tokio::time::Instant::now().into_std(),
-            &routing.metrics,
-        )
-    });
-    let rv = PickView {
-        prompt_tokens: prep
-            .as_ref()
-            .map_or(ctx.view.estimated_prompt_tokens(), |p| p.prompt_tokens),
-        max_tokens: ctx.view.max_tokens,
-    };
+    let (prep, rv) = plan::prepare(
+        pool,
+        &ctx.view,
+        &ctx.headers,
+        tokio::time::Instant::now().into_std(),
+        &routing.metrics,
+    );
     let model = admitted.model.clone();
     let mut tried: Vec<usize> = Vec::with_capacity(2);
     let mut last: Option<Failure> = None;

@@ -8,8 +8,15 @@
 //! the request-headers response (the destination in the `x-gateway-destination-endpoint` header and in the dynamic
 //! metadata `envoy.lb`, credentials swapped for the pool's, the new `Content-Length`) followed by the body (rewritten
 //! when the pool's model name differs). A refusal is an `ImmediateResponse` with weir's OpenAI-shaped error. Then
-//! Envoy reports the response: its headers (the status settles the endpoint's breaker and the admission permit) and
-//! body chunks, passed through unchanged while the usage is read from them. The stream's end is the account phase.
+//! Envoy reports the response: its headers (the status gives the endpoint's breaker its verdict) and body chunks,
+//! passed through unchanged while the usage is read from them with `weir serve`'s own readers ([`SseScanner`] for a
+//! stream, [`crate::execute::usage_of`] for a JSON body). The response's end of stream (a body chunk, or headers,
+//! with `end_of_stream`) is the account phase: the answer and its tokens are counted and the admission permit settled,
+//! once. An exchange that ends before the response does (the client left, the gateway gave up) is settled then, as
+//! cancelled, with whatever usage was seen.
+//!
+//! weir sends no `mode_override`: the gateway's filter must send the response headers and body (Envoy AI Gateway's
+//! InferencePool filter does: `SEND` and `FULL_DUPLEX_STREAMED`), or no usage is read.
 //!
 //! When the picker finds no eligible endpoint, [`FailureMode`] decides: `fail-close` answers 503, `fail-open` sends
 //! the request to a random endpoint of the pool. The gateway's own `failureMode` covers weir not answering at all.
@@ -19,6 +26,7 @@ pub mod wire;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
@@ -32,7 +40,7 @@ use hyper::header::{self, HeaderMap};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-pub use self::pick::{FailureMode, GatewayRequest, Refusal, Routed, route_request};
+pub use self::pick::{FailureMode, GatewayRequest, Refusal, Report, Routed, route_request};
 use crate::shared::AppState;
 use crate::sse::{SseScanner, Usage};
 
@@ -44,11 +52,17 @@ const USAGE_READ_LIMIT: usize = 1 << 20;
 pub struct Picker {
     app: Arc<AppState>,
     mode: FailureMode,
+    /// How long the gateway waits for each answer (its filter's `message_timeout`).
+    message_timeout: Duration,
 }
 
 impl Picker {
-    pub fn new(app: Arc<AppState>, mode: FailureMode) -> Self {
-        Self { app, mode }
+    pub fn new(app: Arc<AppState>, mode: FailureMode, message_timeout: Duration) -> Self {
+        Self {
+            app,
+            mode,
+            message_timeout,
+        }
     }
 
     /// The tonic service.
@@ -68,12 +82,7 @@ impl ExternalProcessor for Picker {
         request: tonic::Request<Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
         let (tx, rx) = mpsc::channel::<Out>(16);
-        tokio::spawn(exchange(
-            self.app.clone(),
-            self.mode,
-            request.into_inner(),
-            tx,
-        ));
+        tokio::spawn(exchange(self.clone(), request.into_inner(), tx));
         let out =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
         Ok(tonic::Response::new(Box::pin(out)))
@@ -102,10 +111,20 @@ enum UsageRead {
     Json(BytesMut),
 }
 
+/// How long after the request headers weir may still dispatch the request: the gateway's message timeout less a
+/// tenth of it (at most 1 s) of headroom for the pick and the answer to reach the gateway. A request still queued in
+/// admission then is refused by weir (429 `queue_timeout`) before the gateway gives up on the exchange.
+pub fn dispatch_budget(message_timeout: Duration) -> Duration {
+    message_timeout - (message_timeout / 10).min(Duration::from_secs(1))
+}
+
 /// One request's state across its ext_proc messages.
 struct State {
     app: Arc<AppState>,
     mode: FailureMode,
+    message_timeout: Duration,
+    /// The dispatch deadline ([`dispatch_budget`] after the request headers).
+    deadline: Option<std::time::Instant>,
     head: Option<wire::Head>,
     subset: Option<Vec<String>>,
     body: BytesMut,
@@ -116,14 +135,15 @@ struct State {
 
 /// Runs one ext_proc stream to its end, then settles what the request held.
 async fn exchange(
-    app: Arc<AppState>,
-    mode: FailureMode,
+    picker: Picker,
     mut inbound: Streaming<ProcessingRequest>,
     tx: mpsc::Sender<Out>,
 ) {
     let mut st = State {
-        app,
-        mode,
+        app: picker.app,
+        mode: picker.mode,
+        message_timeout: picker.message_timeout,
+        deadline: None,
         head: None,
         subset: None,
         body: BytesMut::new(),
@@ -154,7 +174,8 @@ async fn exchange(
             break;
         }
     }
-    st.finish();
+    // Settled already when the response ended; otherwise the exchange ended first.
+    st.settle(false);
 }
 
 impl State {
@@ -162,6 +183,8 @@ impl State {
     async fn on(&mut self, msg: ProcessingRequest) -> (Vec<ProcessingResponse>, bool) {
         match msg.request {
             Some(Msg::RequestHeaders(h)) => {
+                let now = tokio::time::Instant::now().into_std();
+                self.deadline = Some(now + dispatch_budget(self.message_timeout));
                 self.subset = wire::subset(msg.metadata_context.as_ref());
                 self.head = Some(wire::head(&h));
                 if h.end_of_stream {
@@ -199,6 +222,9 @@ impl State {
                 if let Some(held) = &mut self.held {
                     held.answered(status, wire::retry_after(&h).as_ref());
                 }
+                if h.end_of_stream {
+                    self.settle(true);
+                }
                 (vec![wire::pass_response_headers()], false)
             }
             Some(Msg::ResponseBody(b)) => {
@@ -212,6 +238,9 @@ impl State {
                     }
                     UsageRead::Json(buf) => buf.extend_from_slice(&b.body),
                     UsageRead::None => {}
+                }
+                if b.end_of_stream {
+                    self.settle(true);
                 }
                 (wire::body(&b.body, b.end_of_stream, false), false)
             }
@@ -254,6 +283,7 @@ impl State {
             headers: head.headers,
             body: std::mem::take(&mut self.body).freeze(),
             subset: self.subset.take(),
+            deadline: self.deadline,
         };
         match route_request(&self.app, self.mode, req).await {
             Err(refusal) => (vec![refused(&refusal).await], true),
@@ -278,16 +308,24 @@ impl State {
         }
     }
 
-    /// The stream ended: the account phase.
-    fn finish(self) {
+    /// The account phase, once: at the response's end of stream (`complete`), or when the exchange ended first.
+    fn settle(&mut self, complete: bool) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
         let usage: Option<Usage> = match &self.usage {
             UsageRead::Sse(s) => s.usage,
             UsageRead::Json(b) => crate::execute::usage_of(b),
             UsageRead::None => None,
         };
-        if let Some(h) = self.held {
-            h.finish(self.status, usage);
-        }
+        let streaming = matches!(self.usage, UsageRead::Sse(_))
+            && self.status.is_some_and(|s| (200..300).contains(&s));
+        held.finish(Report {
+            status: self.status,
+            usage,
+            streaming,
+            complete,
+        });
     }
 }
 
@@ -307,4 +345,22 @@ async fn refused(r: &Refusal) -> ProcessingResponse {
         }
     }
     wire::immediate(parts.status.as_u16(), &headers, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dispatch_budget_leaves_headroom_before_the_gateway_gives_up() {
+        let s = Duration::from_secs;
+        assert_eq!(dispatch_budget(s(300)), s(299));
+        assert_eq!(dispatch_budget(s(5)), Duration::from_millis(4500));
+        // Envoy's default message timeout.
+        assert_eq!(
+            dispatch_budget(Duration::from_millis(200)),
+            Duration::from_millis(180)
+        );
+        assert_eq!(dispatch_budget(Duration::ZERO), Duration::ZERO);
+    }
 }

@@ -1,7 +1,9 @@
 //! The phases of [`crate::pipeline`] for a request the gateway holds: identify, resolve, route and admit are the very
 //! functions `weir serve` runs, and the pick is [`plan::pick`] over [`plan::candidates`], committed to the pool's
 //! prefix index and decision ring as [`crate::execute`] commits it. Only the proxy step differs: the gateway sends
-//! the request to the pick, and the account phase runs when it reports the answer ([`Held::finish`]).
+//! the request to the pick, and the account phase runs when it reports the response's end ([`Held::finish`]).
+//! [`route_request`] runs in three steps: [`parse`] (the path and identify), [`decide`] (resolve, route, admit) and
+//! [`act`] (body, pick, fail-open or refusal).
 //!
 //! Differences from the proxy path, all because the gateway, not weir, talks to the pod: the pick's fallbacks are the
 //! endpoints weir's own retries would try next (as the protocol's `ip:port,ip:port..` list), picked at once; a P/D
@@ -15,14 +17,13 @@ use bytes::Bytes;
 use hyper::header::{HeaderMap, HeaderValue};
 use policies::errors::ApiError;
 use policies::openai::Api;
-use policies::pick::RequestView as PickView;
 
 use crate::ctx::{Admitted, Ctx};
-use crate::execute::Attempt;
+use crate::execute::{Attempt, Outcome};
 use crate::gate::End;
 use crate::ids::with_rng;
-use crate::metrics::EndpointLabel;
-use crate::plan;
+use crate::metrics::{EndpointLabel, ModelOutcome, StreamOutcome};
+use crate::plan::{self, Plan};
 use crate::shared::AppState;
 use crate::snapshot::{EndpointSnapshot, Pool};
 use crate::sse::Usage;
@@ -61,6 +62,8 @@ pub struct GatewayRequest {
     pub body: Bytes,
     /// The data plane's subset hint: pick only among these `ip:port`s.
     pub subset: Option<Vec<String>>,
+    /// The latest the request may be dispatched: the gateway stops waiting for the answer soon after.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// A routed request: where the gateway sends it, with what, and what weir holds until the answer.
@@ -75,15 +78,28 @@ pub struct Routed {
     pub held: Held,
 }
 
+/// What the gateway reported of the pod's answer, for the account phase ([`Held::finish`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// `:status` of the response head, `None` when none was reported.
+    pub status: Option<u16>,
+    /// The usage read from the response body (the last usage chunk of a stream, the `usage` of a JSON body).
+    pub usage: Option<Usage>,
+    /// A 2xx `text/event-stream` answer: its end is also counted in `weir_stream_outcomes`.
+    pub streaming: bool,
+    /// The response reached its end of stream; `false`: the exchange ended first (client gone, gateway error).
+    pub complete: bool,
+}
+
 /// What a routed request holds while the gateway proxies it: admission's permit, the active-request count, the
 /// picked endpoint's in-flight counts and prefill claim. Settled once by [`Held::finish`] (dropping it counts the
 /// request cancelled).
 pub struct Held {
     app: Arc<AppState>,
     model: Arc<str>,
-    admitted: Option<Admitted>,
+    admitted: Admitted,
     permit: Option<admission::Permit>,
-    endpoint: Option<(Arc<EndpointState>, Attempt, PrefillClaim)>,
+    endpoint: Option<Picked>,
 }
 
 impl Held {
@@ -108,29 +124,69 @@ impl Held {
         }
     }
 
-    /// The exchange ended: counts the answer (`None`: the gateway never reported one) and settles the permit with the
-    /// usage seen in the response body.
-    pub fn finish(mut self, status: Option<u16>, usage: Option<Usage>) {
-        let series = self.admitted.as_ref().map(|a| a.series.clone());
-        if let (Some(s), Some(series)) = (status, &series) {
-            crate::pipeline::account(
-                &self.app,
-                &self.model,
-                series,
-                &crate::execute::Outcome {
-                    status: s,
-                    endpoint: None,
-                    attempts: 1,
-                    streaming: false,
-                    usage,
-                },
-                self.permit.take(),
-            );
-        } else if let Some(p) = self.permit.take() {
-            crate::gate::settle(p, End::Cancelled, usage);
+    /// The account phase: counts the answer (its status, its usage in `weir_tokens_total`) once, settles the permit
+    /// with that usage (completed or failed by status when the response ended, cancelled when the exchange ended
+    /// first) and releases the in-flight counts.
+    pub fn finish(mut self, r: Report) {
+        let status = match (r.status, r.complete) {
+            (Some(s), _) => s,
+            // The whole body came without a reported head (the gateway skips response headers).
+            (None, true) => 200,
+            // The exchange ended before the pod answered: the client went away (as a client leaving its queue).
+            (None, false) => 499,
+        };
+        let outcome = Outcome {
+            status,
+            endpoint: None,
+            attempts: 1,
+            streaming: r.streaming,
+            usage: r.usage,
+        };
+        let permit = self.permit.take();
+        let (settled, cut) = if r.complete {
+            (permit, None)
+        } else {
+            (None, permit)
+        };
+        crate::pipeline::account(
+            &self.app,
+            &self.model,
+            &self.admitted.series,
+            &outcome,
+            settled,
+        );
+        if let Some(p) = cut {
+            crate::gate::settle(p, End::Cancelled, r.usage);
         }
-        drop(self.endpoint.take());
-        drop(self.admitted.take());
+        if r.streaming {
+            let outcome = if r.complete {
+                StreamOutcome::Complete
+            } else {
+                StreamOutcome::Cancelled
+            };
+            self.app
+                .metrics
+                .stream_outcomes
+                .get_or_create(&ModelOutcome {
+                    model: self.model.clone().into(),
+                    outcome,
+                })
+                .inc();
+        }
+    }
+
+    /// A refusal after admission: answered at once with `status`.
+    fn refuse(self, error: ApiError, ctx: &mut Ctx) -> Refusal {
+        self.finish(Report {
+            status: Some(error.status),
+            complete: true,
+            ..Report::default()
+        });
+        Refusal {
+            error,
+            request_id: ctx.request_id.clone(),
+            rate: ctx.rate.take(),
+        }
     }
 }
 
@@ -141,6 +197,24 @@ pub struct Refusal {
     pub request_id: HeaderValue,
     /// `x-ratelimit-*` of the tenant, when admission decided.
     pub rate: Option<admission::RateHeaders>,
+}
+
+impl Refusal {
+    /// A refusal before admission, counted under `model` as `weir serve` counts it.
+    fn counted(
+        app: &AppState,
+        model: &Arc<str>,
+        error: ApiError,
+        request_id: &HeaderValue,
+        rate: Option<admission::RateHeaders>,
+    ) -> Self {
+        app.count(model, error.status);
+        Self {
+            error,
+            request_id: request_id.clone(),
+            rate,
+        }
+    }
 }
 
 /// The API of a path, as the front door routes it (404 otherwise).
@@ -161,22 +235,37 @@ pub async fn route_request(
 ) -> Result<Routed, Refusal> {
     let start = tokio::time::Instant::now();
     let request_id = crate::ids::request_id(&req.headers);
-    let refuse = |error: ApiError, model: &Arc<str>, rate| {
-        app.count(model, error.status);
-        Refusal {
-            error,
-            request_id: request_id.clone(),
-            rate,
-        }
-    };
-    let api = api_of(&req.path).map_err(|e| refuse(e, &app.unknown_model, None))?;
+    let subset = req.subset.clone();
+    let mut ctx = parse(app, req, start, &request_id)
+        .await
+        .map_err(|e| Refusal::counted(app, &app.unknown_model, e, &request_id, None))?;
+    let snap = app.snapshot.load_full();
+    let granted = decide(app, &snap, &mut ctx).await?;
+    act(
+        app,
+        mode,
+        &snap,
+        ctx,
+        granted,
+        subset.as_deref(),
+        tokio::time::Instant::now(),
+    )
+    .map_err(|r| *r)
+}
+
+/// Parse: the path's API, then `weir serve`'s identify phase (tenant, body under its limit, the request view).
+async fn parse(
+    app: &AppState,
+    req: GatewayRequest,
+    start: tokio::time::Instant,
+    request_id: &HeaderValue,
+) -> Result<Ctx, ApiError> {
+    let api = api_of(&req.path)?;
     let mut http = Request::new(axum::body::Body::from(req.body));
     *http.method_mut() = hyper::Method::POST;
     *http.headers_mut() = req.headers;
     let (headers, view, tenant) =
-        crate::pipeline::identify(app, api, http, app.proxy.max_body_bytes)
-            .await
-            .map_err(|e| refuse(e, &app.unknown_model, None))?;
+        crate::pipeline::identify(app, api, http, app.proxy.max_body_bytes).await?;
     let mut ctx = Ctx::new(
         request_id.clone(),
         headers,
@@ -185,90 +274,113 @@ pub async fn route_request(
         tracing::Span::none(),
     );
     ctx.tenant = tenant;
-    let snap = app.snapshot.load_full();
-    let route =
-        crate::pipeline::resolve(&snap, &ctx).map_err(|e| refuse(e, &app.unknown_model, None))?;
+    ctx.deadline = req.deadline;
+    Ok(ctx)
+}
+
+/// What [`decide`] grants: the route's model, the plan, and the admitted request (its permit in the context).
+struct Granted {
+    model: Arc<str>,
+    plan: Plan,
+    admitted: Admitted,
+}
+
+/// Decide: `weir serve`'s resolve, route and admit phases (admission may hold the request in its tenant's tier
+/// queue until the pool has room).
+async fn decide(
+    app: &Arc<AppState>,
+    snap: &EndpointSnapshot,
+    ctx: &mut Ctx,
+) -> Result<Granted, Refusal> {
+    let route = crate::pipeline::resolve(snap, ctx)
+        .map_err(|e| Refusal::counted(app, &app.unknown_model, e, &ctx.request_id, None))?;
     let model = route.name.clone();
-    let planned =
-        crate::pipeline::route(app, &snap, route, &ctx).map_err(|e| refuse(e, &model, None))?;
-    let admitted = match crate::pipeline::admit(app, &snap, route, &planned, &mut ctx, None).await {
-        Ok(a) => a,
-        Err(e) => return Err(refuse(e, &model, ctx.rate.take())),
-    };
-    let pool = &snap.pools[planned.pool];
-    let body = if planned.inject_usage {
-        plan::upstream_body(&ctx.view, &pool.model, false)
-    } else {
-        Ok(planned.body.clone())
-    };
+    let plan = crate::pipeline::route(app, snap, route, ctx)
+        .map_err(|e| Refusal::counted(app, &model, e, &ctx.request_id, None))?;
+    match crate::pipeline::admit(app, snap, route, &plan, ctx, None).await {
+        Ok(admitted) => Ok(Granted {
+            model,
+            plan,
+            admitted,
+        }),
+        Err(e) => {
+            let rate = ctx.rate.take();
+            Err(Refusal::counted(app, &model, e, &ctx.request_id, rate))
+        }
+    }
+}
+
+/// Act: the body the pod gets, then the pick and its fallbacks at `now` (or, failing open, any endpoint of the pool).
+/// From here on the request holds what admission granted, so a refusal is accounted as its answer.
+fn act(
+    app: &Arc<AppState>,
+    mode: FailureMode,
+    snap: &EndpointSnapshot,
+    mut ctx: Ctx,
+    g: Granted,
+    subset: Option<&[String]>,
+    now: tokio::time::Instant,
+) -> Result<Routed, Box<Refusal>> {
+    let pool = &snap.pools[g.plan.pool];
     let mut held = Held {
         app: app.clone(),
-        model: model.clone(),
-        admitted: Some(admitted),
+        model: g.model,
+        admitted: g.admitted,
         permit: ctx.permit.take(),
         endpoint: None,
     };
+    // Without `stream_options.include_usage` injected: nobody would strip the extra chunk.
+    let body = if g.plan.inject_usage {
+        plan::upstream_body(&ctx.view, &pool.model, false)
+    } else {
+        Ok(g.plan.body.clone())
+    };
     let body = match body {
         Ok(b) => b,
-        Err(e) => {
-            let status = e.status;
-            held.finish(Some(status), None);
-            return Err(Refusal {
-                error: e,
-                request_id,
-                rate: ctx.rate,
-            });
-        }
+        Err(e) => return Err(Box::new(held.refuse(e, &mut ctx))),
     };
-    match pick(
+    let picked = pick(
         app,
-        &snap,
+        snap,
         pool,
         &ctx,
-        &model,
-        req.subset.as_deref(),
-        planned.max_attempts,
-    ) {
+        &held.model,
+        subset,
+        g.plan.max_attempts,
+        now,
+    );
+    let destinations = match picked {
         Ok((destinations, endpoint)) => {
-            held.endpoint = endpoint;
-            Ok(Routed {
-                destinations,
-                body,
-                upstream_auth: pool.upstream_auth.clone(),
-                request_id,
-                held,
-            })
+            held.endpoint = Some(endpoint);
+            destinations
         }
-        Err(no) => match (mode, open_to(pool, req.subset.as_deref())) {
+        Err(no) => match (mode, open_to(pool, subset)) {
             (FailureMode::FailOpen, Some(dest)) => {
                 tracing::warn!(pool = %pool.name, reason = %no, %dest, "no endpoint picked; failing open");
-                Ok(Routed {
-                    destinations: vec![dest],
-                    body,
-                    upstream_auth: pool.upstream_auth.clone(),
-                    request_id,
-                    held,
-                })
+                vec![dest]
             }
             _ => {
-                let now = tokio::time::Instant::now().into_std();
+                let now = now.into_std();
                 let ra = plan::breaker_retry_after(pool, now, app.proxy.max_retry_after_secs);
                 let e = plan::no_endpoint(&ctx.view.model, &no, ra);
-                held.finish(Some(e.status), None);
-                Err(Refusal {
-                    error: e,
-                    request_id,
-                    rate: ctx.rate,
-                })
+                return Err(Box::new(held.refuse(e, &mut ctx)));
             }
         },
-    }
+    };
+    Ok(Routed {
+        destinations,
+        body,
+        upstream_auth: pool.upstream_auth.clone(),
+        request_id: ctx.request_id,
+        held,
+    })
 }
 
 type Picked = (Arc<EndpointState>, Attempt, PrefillClaim);
 
-/// The pick and its fallbacks, as the proxy path's attempts would pick them; the pick is committed (prefix index,
-/// session, decision record, pick counter) and its in-flight counts held.
+/// The pick and its fallbacks at `now`, as the proxy path's attempts would pick them; the pick is committed (prefix
+/// index, session, decision record, pick counter) and its in-flight counts held.
+#[allow(clippy::too_many_arguments)]
 fn pick(
     app: &AppState,
     snap: &EndpointSnapshot,
@@ -277,23 +389,11 @@ fn pick(
     model: &Arc<str>,
     subset: Option<&[String]>,
     max_attempts: u32,
-) -> Result<(Vec<String>, Option<Picked>), policies::pick::NoEligibleEndpoint> {
+    now: tokio::time::Instant,
+) -> Result<(Vec<String>, Picked), policies::pick::NoEligibleEndpoint> {
     let routing = &snap.routing;
-    let now = tokio::time::Instant::now();
     let now_std = now.into_std();
-    let prep = pool.cache.as_ref().map(|c| {
-        let session = ctx
-            .headers
-            .get("x-session-id")
-            .and_then(|v| v.to_str().ok());
-        c.prepare(&ctx.view, session, now_std, &routing.metrics)
-    });
-    let rv = PickView {
-        prompt_tokens: prep
-            .as_ref()
-            .map_or(ctx.view.estimated_prompt_tokens(), |p| p.prompt_tokens),
-        max_tokens: ctx.view.max_tokens,
-    };
+    let (prep, rv) = plan::prepare(pool, &ctx.view, &ctx.headers, now_std, &routing.metrics);
     let mut tried: Vec<usize> = Vec::new();
     let mut destinations = Vec::new();
     let mut held: Option<Picked> = None;
@@ -376,7 +476,7 @@ fn pick(
         destinations.push(ep.authority.as_str().to_string());
     }
     match (held, first_err) {
-        (Some(h), _) => Ok((destinations, Some(h))),
+        (Some(h), _) => Ok((destinations, h)),
         (None, Some(no)) => Err(no),
         // Every pick's half-open breaker was already probing.
         (None, None) => Err(policies::pick::NoEligibleEndpoint::Filtered { by: "available" }),

@@ -102,6 +102,11 @@ pub struct ServeArgs {
     /// to a random endpoint of the pool.
     #[arg(long, default_value = "fail-close", requires = "ext_proc_listen")]
     ext_proc_failure_mode: router::ext_proc::FailureMode,
+    /// The gateway's ext_proc message timeout (how long it waits for each answer; Envoy AI Gateway sets 300s on an
+    /// InferencePool's filter). A request still queued in admission shortly before it is refused with 429
+    /// `queue_timeout` instead of timing out at the gateway.
+    #[arg(long, value_parser = super::bench::parse_duration, default_value = "300s", requires = "ext_proc_listen")]
+    ext_proc_message_timeout: std::time::Duration,
 }
 
 pub(crate) fn raw_policy(name: &str) -> anyhow::Result<RawPolicy> {
@@ -305,7 +310,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding the ext_proc endpoint picker on {listen}"))?;
             let addr = tcp.local_addr()?;
-            let picker = router::ext_proc::Picker::new(state.clone(), args.ext_proc_failure_mode);
+            let picker = router::ext_proc::Picker::new(
+                state.clone(),
+                args.ext_proc_failure_mode,
+                args.ext_proc_message_timeout,
+            );
             tokio::spawn(async move {
                 if let Err(e) = router::ext_proc::serve(tcp, picker, shutdown_signal()).await {
                     tracing::error!(error = %e, "ext_proc endpoint picker stopped");
