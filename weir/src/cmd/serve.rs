@@ -100,7 +100,12 @@ pub struct ServeArgs {
     ext_proc_listen: Option<String>,
     /// PEM certificate chain for the endpoint picker's TLS (with --ext-proc-tls-key, e.g. a cert-manager Secret);
     /// without it a self-signed certificate is made at start.
-    #[arg(long, requires_all = ["ext_proc_listen", "ext_proc_tls_key"], conflicts_with = "ext_proc_plaintext", value_name = "FILE")]
+    #[arg(
+        long,
+        requires_all = ["ext_proc_listen", "ext_proc_tls_key"],
+        conflicts_with = "ext_proc_plaintext",
+        value_name = "FILE"
+    )]
     ext_proc_tls_cert: Option<PathBuf>,
     /// PEM private key of --ext-proc-tls-cert.
     #[arg(long, requires = "ext_proc_tls_cert", value_name = "FILE")]
