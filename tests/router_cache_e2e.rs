@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
+#[path = "ext_proc_envoy.rs"]
+mod envoy;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -317,269 +319,6 @@ async fn failing_prefill_pod_falls_back_to_colocated() {
     );
 }
 
-/// Envoy's side of one ext_proc stream (one HTTP request), as a gateway in front of an InferencePool plays it.
-mod envoy {
-    use std::collections::BTreeMap;
-
-    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
-    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
-    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Ans;
-    use envoy_types::pb::envoy::service::ext_proc::v3::{
-        HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, body_mutation,
-    };
-    use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
-    use tokio::sync::mpsc;
-
-    pub struct Stream {
-        tx: mpsc::Sender<ProcessingRequest>,
-        rx: tonic::Streaming<ProcessingResponse>,
-    }
-
-    /// What the picker answered to the request: the routing (header, metadata, other header edits, body) or an
-    /// immediate response.
-    #[derive(Debug, Default)]
-    pub struct Answer {
-        pub destination: String,
-        pub metadata_destination: String,
-        pub set: BTreeMap<String, String>,
-        pub removed: Vec<String>,
-        pub body: Vec<u8>,
-        pub immediate: Option<(u16, BTreeMap<String, String>, String)>,
-    }
-
-    fn headers(kv: &[(&str, &str)]) -> Option<HeaderMap> {
-        Some(HeaderMap {
-            headers: kv
-                .iter()
-                .map(|(k, v)| HeaderValue {
-                    key: k.to_string(),
-                    raw_value: v.as_bytes().to_vec(),
-                    ..Default::default()
-                })
-                .collect(),
-        })
-    }
-
-    fn string(v: &Value) -> String {
-        match &v.kind {
-            Some(Kind::StringValue(s)) => s.clone(),
-            other => panic!("not a string: {other:?}"),
-        }
-    }
-
-    impl Stream {
-        pub async fn open(addr: &str) -> Stream {
-            let mut c = ExternalProcessorClient::connect(format!("http://{addr}"))
-                .await
-                .unwrap();
-            let (tx, rx) = mpsc::channel::<ProcessingRequest>(8);
-            let out =
-                futures::stream::unfold(
-                    rx,
-                    |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
-                );
-            let rx = c.process(out).await.unwrap().into_inner();
-            Stream { tx, rx }
-        }
-
-        async fn send(&self, m: Msg, metadata: Option<Metadata>) {
-            let req = ProcessingRequest {
-                request: Some(m),
-                metadata_context: metadata,
-                ..Default::default()
-            };
-            self.tx.send(req).await.unwrap();
-        }
-
-        async fn next_full(&mut self) -> ProcessingResponse {
-            tokio::time::timeout(std::time::Duration::from_secs(20), self.rx.message())
-                .await
-                .expect("an answer from the picker in time")
-                .unwrap()
-                .expect("the picker closed the stream")
-        }
-
-        async fn next(&mut self) -> Ans {
-            self.next_full().await.response.expect("a response")
-        }
-
-        /// Sends the request (headers, then the body in two chunks, as Envoy streams it) and reads the answer.
-        pub async fn request(
-            &mut self,
-            path: &str,
-            extra: &[(&str, &str)],
-            body: &[u8],
-            subset: Option<&[&str]>,
-        ) -> Answer {
-            let len = body.len().to_string();
-            let mut kv = vec![
-                (":method", "POST"),
-                (":path", path),
-                (":authority", "gateway"),
-                ("content-type", "application/json"),
-                ("content-length", len.as_str()),
-            ];
-            kv.extend_from_slice(extra);
-            let metadata = subset.map(|s| Metadata {
-                filter_metadata: [(
-                    "envoy.lb.subset_hint".to_string(),
-                    Struct {
-                        fields: [(
-                            "x-gateway-destination-endpoint-subset".to_string(),
-                            Value {
-                                kind: Some(Kind::ListValue(ListValue {
-                                    values: s
-                                        .iter()
-                                        .map(|x| Value {
-                                            kind: Some(Kind::StringValue(x.to_string())),
-                                        })
-                                        .collect(),
-                                })),
-                            },
-                        )]
-                        .into(),
-                    },
-                )]
-                .into(),
-                ..Default::default()
-            });
-            self.send(
-                Msg::RequestHeaders(HttpHeaders {
-                    headers: headers(&kv),
-                    ..Default::default()
-                }),
-                metadata,
-            )
-            .await;
-            let (a, b) = body.split_at(body.len() / 2);
-            for (chunk, eos) in [(a, false), (b, true)] {
-                self.send(
-                    Msg::RequestBody(HttpBody {
-                        body: chunk.to_vec(),
-                        end_of_stream: eos,
-                        ..Default::default()
-                    }),
-                    None,
-                )
-                .await;
-            }
-            let mut ans = Answer::default();
-            let first = self.next_full().await;
-            if first.dynamic_metadata.is_some() {
-                ans.metadata_destination = metadata_destination(&first);
-            }
-            match first.response.expect("a response") {
-                Ans::ImmediateResponse(i) => {
-                    let h = i
-                        .headers
-                        .unwrap_or_default()
-                        .set_headers
-                        .into_iter()
-                        .map(|o| {
-                            let h = o.header.unwrap();
-                            (h.key, String::from_utf8(h.raw_value).unwrap())
-                        })
-                        .collect();
-                    ans.immediate = Some((
-                        i.status.unwrap().code as u16,
-                        h,
-                        String::from_utf8(i.body).unwrap(),
-                    ));
-                    return ans;
-                }
-                Ans::RequestHeaders(h) => {
-                    let c = h.response.unwrap();
-                    assert!(c.clear_route_cache, "the route cache is cleared");
-                    let m = c.header_mutation.unwrap();
-                    for o in m.set_headers {
-                        let h = o.header.unwrap();
-                        ans.set
-                            .insert(h.key, String::from_utf8(h.raw_value).unwrap());
-                    }
-                    ans.removed = m.remove_headers;
-                }
-                other => panic!("expected the request-headers answer, got {other:?}"),
-            }
-            ans.destination = ans
-                .set
-                .get("x-gateway-destination-endpoint")
-                .cloned()
-                .unwrap_or_default();
-            loop {
-                match self.next().await {
-                    Ans::RequestBody(b) => {
-                        match b.response.unwrap().body_mutation.unwrap().mutation {
-                            Some(body_mutation::Mutation::StreamedResponse(s)) => {
-                                ans.body.extend_from_slice(&s.body);
-                                if s.end_of_stream {
-                                    break;
-                                }
-                            }
-                            other => panic!("expected a streamed body, got {other:?}"),
-                        }
-                    }
-                    other => panic!("expected the request body, got {other:?}"),
-                }
-            }
-            ans
-        }
-
-        /// Plays the model server's answer through Envoy: response headers and one body chunk, each passed on.
-        pub async fn respond(&mut self, status: u16, body: &[u8]) {
-            self.respond_head(status, "application/json").await;
-            self.respond_chunk(body, true).await;
-        }
-
-        /// The response headers of the pod's answer; the picker passes them on.
-        pub async fn respond_head(&mut self, status: u16, content_type: &str) {
-            let status = status.to_string();
-            self.send(
-                Msg::ResponseHeaders(HttpHeaders {
-                    headers: headers(&[(":status", &status), ("content-type", content_type)]),
-                    ..Default::default()
-                }),
-                None,
-            )
-            .await;
-            assert!(matches!(self.next().await, Ans::ResponseHeaders(_)));
-        }
-
-        /// One response body chunk (`eos`: the response's last); the picker passes it on unchanged. Envoy's side of
-        /// the exchange stays open either way.
-        pub async fn respond_chunk(&mut self, body: &[u8], eos: bool) {
-            self.send(
-                Msg::ResponseBody(HttpBody {
-                    body: body.to_vec(),
-                    end_of_stream: eos,
-                    ..Default::default()
-                }),
-                None,
-            )
-            .await;
-            match self.next().await {
-                Ans::ResponseBody(b) => match b.response.unwrap().body_mutation.unwrap().mutation {
-                    Some(body_mutation::Mutation::StreamedResponse(s)) => {
-                        assert_eq!(s.body, body, "the response body passes unchanged");
-                        assert_eq!(s.end_of_stream, eos);
-                    }
-                    other => panic!("{other:?}"),
-                },
-                other => panic!("expected the response body, got {other:?}"),
-            }
-        }
-    }
-
-    /// The dynamic metadata's destination (`envoy.lb` / `x-gateway-destination-endpoint`) of a headers answer.
-    fn metadata_destination(r: &ProcessingResponse) -> String {
-        let ns = &r.dynamic_metadata.as_ref().unwrap().fields["envoy.lb"];
-        match &ns.kind {
-            Some(Kind::StructValue(s)) => string(&s.fields["x-gateway-destination-endpoint"]),
-            other => panic!("envoy.lb is not a struct: {other:?}"),
-        }
-    }
-}
-
 /// `weir serve --config <cache-aware pool over urls> --ext-proc-listen 127.0.0.1:0 <extra>`; the router and the
 /// picker's address.
 async fn serve_with_picker(urls: &[String], extra: &[&str]) -> (Weir, String) {
@@ -615,6 +354,8 @@ async fn ext_proc_picks_the_pod_weir_serve_picks() {
     let u = f.urls();
     let pods: BTreeSet<String> = u.iter().map(|x| endpoint_id(x)).collect();
     let (r, epp) = serve_with_picker(&u, &[]).await;
+    // Over TLS, accepting the picker's self-signed certificate, as Envoy AI Gateway dials it.
+    let tls = envoy::Link::accept_any();
     let chat_url = format!("{}/v1/chat/completions", r.url());
 
     // A prefix weir serve sent to a pod is held there: the picker sends the same prefix to that pod, with the
@@ -623,7 +364,7 @@ async fn ext_proc_picks_the_pod_weir_serve_picks() {
     let (st, served, _, b) = post(&chat_url, &chat(&ada, "Question 1?", 4)).await;
     assert_eq!(st, 200, "{b}");
     let body = serde_json::to_vec(&chat(&ada, "Question 2?", 4)).unwrap();
-    let mut e = envoy::Stream::open(&epp).await;
+    let mut e = envoy::Stream::open(&epp, &tls).await;
     let a = e
         .request(
             "/v1/chat/completions",
@@ -659,7 +400,7 @@ async fn ext_proc_picks_the_pod_weir_serve_picks() {
     // The other way round: a new prefix the picker placed (committed to the same prefix index) is where weir serve
     // then sends it.
     let bob = system_prompt("Bob");
-    let mut e = envoy::Stream::open(&epp).await;
+    let mut e = envoy::Stream::open(&epp, &tls).await;
     let body = serde_json::to_vec(&chat(&bob, "Question 1?", 4)).unwrap();
     let a = e.request("/v1/chat/completions", &[], &body, None).await;
     let picked = a.destination.split(',').next().unwrap().to_string();
@@ -671,7 +412,7 @@ async fn ext_proc_picks_the_pod_weir_serve_picks() {
 
     // The subset hint: only its endpoints; none of the pool's in it is a 503.
     let other = pods.iter().find(|p| **p != dests[0]).unwrap().clone();
-    let mut e = envoy::Stream::open(&epp).await;
+    let mut e = envoy::Stream::open(&epp, &tls).await;
     let body = serde_json::to_vec(&chat(&ada, "Question 3?", 4)).unwrap();
     let a = e
         .request(
@@ -683,7 +424,7 @@ async fn ext_proc_picks_the_pod_weir_serve_picks() {
         .await;
     assert_eq!(a.destination, other, "{a:?}");
     drop(e);
-    let mut e = envoy::Stream::open(&epp).await;
+    let mut e = envoy::Stream::open(&epp, &tls).await;
     let a = e
         .request(
             "/v1/chat/completions",
@@ -695,7 +436,7 @@ async fn ext_proc_picks_the_pod_weir_serve_picks() {
     assert_eq!(a.immediate.as_ref().map(|i| i.0), Some(503), "{a:?}");
 
     // Refusals are immediate responses in weir's OpenAI shape: an unknown model is a 404.
-    let mut e = envoy::Stream::open(&epp).await;
+    let mut e = envoy::Stream::open(&epp, &tls).await;
     let body = br#"{"model":"nope","prompt":"x"}"#;
     let a = e
         .request("/v1/completions", &[("x-request-id", "gw-404")], body, None)
@@ -727,6 +468,7 @@ async fn ext_proc_fails_closed_or_open_when_no_endpoint_is_eligible() {
                 "1",
                 "--ext-proc-failure-mode",
                 mode,
+                "--ext-proc-plaintext",
             ],
         )
         .await;
@@ -736,7 +478,7 @@ async fn ext_proc_fails_closed_or_open_when_no_endpoint_is_eligible() {
         )
         .await;
         assert_eq!(st, 503, "{b}");
-        let mut e = envoy::Stream::open(&epp).await;
+        let mut e = envoy::Stream::open(&epp, &envoy::Link::Plain).await;
         let body = serde_json::to_vec(&chat("sys", "q", 4)).unwrap();
         let a = e.request("/v1/chat/completions", &[], &body, None).await;
         if mode == "fail-open" {
@@ -813,6 +555,7 @@ async fn counted(router: &str) -> Counted {
 async fn ext_proc_accounts_usage_once_at_the_response_end() {
     let f = Weir::fleet(1, "50", &[]).await;
     let (r, epp) = serve_with_picker(&f.urls(), &[]).await;
+    let tls = envoy::Link::accept_any();
     let body = serde_json::to_vec(&chat("sys", "q", 4)).unwrap();
     let settled = async |want: &Counted| {
         eventually(Duration::from_secs(10), "the counts", async || {
@@ -822,7 +565,7 @@ async fn ext_proc_accounts_usage_once_at_the_response_end() {
     };
 
     // JSON: counted when the body ends, the exchange still open.
-    let mut e = envoy::Stream::open(&epp).await;
+    let mut e = envoy::Stream::open(&epp, &tls).await;
     let a = e.request("/v1/chat/completions", &[], &body, None).await;
     assert!(a.immediate.is_none(), "{a:?}");
     let c = counted(r.url()).await;
@@ -837,7 +580,7 @@ async fn ext_proc_accounts_usage_once_at_the_response_end() {
     drop(e);
 
     // SSE: the usage chunk (split across body chunks) counted at the last chunk, the exchange still open.
-    let mut e = envoy::Stream::open(&epp).await;
+    let mut e = envoy::Stream::open(&epp, &tls).await;
     e.request("/v1/chat/completions", &[], &body, None).await;
     e.respond_head(200, "text/event-stream").await;
     for (i, chunk) in VLLM_STREAM.iter().enumerate() {
@@ -864,7 +607,7 @@ async fn ext_proc_accounts_usage_once_at_the_response_end() {
     drop(e);
 
     // Closed before its response ended: settled once, cancelled (its head's status counted, no usage seen).
-    let mut e = envoy::Stream::open(&epp).await;
+    let mut e = envoy::Stream::open(&epp, &tls).await;
     e.request("/v1/chat/completions", &[], &body, None).await;
     e.respond_head(200, "text/event-stream").await;
     e.respond_chunk(VLLM_STREAM[0], false).await;
@@ -886,4 +629,57 @@ async fn ext_proc_accounts_usage_once_at_the_response_end() {
         metric_sum(&m, "weir_stream_outcomes_total", "Complete"),
         1.0
     );
+}
+
+/// An immediate 404 (unknown model) from the picker at `epp` over `link`: it answers there.
+async fn picker_answers(epp: &str, link: &envoy::Link) {
+    let mut e = envoy::Stream::open(epp, link).await;
+    let a = e
+        .request(
+            "/v1/completions",
+            &[],
+            br#"{"model":"nope","prompt":"x"}"#,
+            None,
+        )
+        .await;
+    assert_eq!(a.immediate.map(|i| i.0), Some(404));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_proc_serves_tls_by_default_and_plaintext_only_when_asked() {
+    let urls = vec!["http://127.0.0.1:9".to_string()];
+    let (plain, tls) = (envoy::Link::Plain, envoy::Link::accept_any());
+
+    // By default TLS with a self-signed certificate (ALPN h2, checked by the client): a plaintext client gets nowhere.
+    let (_r, epp) = serve_with_picker(&urls, &[]).await;
+    picker_answers(&epp, &tls).await;
+    let err = envoy::Stream::try_open(&epp, &plain).await.err();
+    assert!(err.is_some(), "plaintext gRPC on the TLS port");
+
+    // A given certificate (cert-manager's Secret) is the one presented: trusting it verifies, trusting another not.
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("weir-ext-proc-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&crt, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let files = [
+        "--ext-proc-tls-cert",
+        crt.to_str().unwrap(),
+        "--ext-proc-tls-key",
+        key.to_str().unwrap(),
+    ];
+    let (_r, epp) = serve_with_picker(&urls, &files).await;
+    picker_answers(&epp, &envoy::Link::trusting(made.cert.der().clone())).await;
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let other = envoy::Link::trusting(other.cert.der().clone());
+    let err = envoy::Stream::try_open(&epp, &other).await.err();
+    assert!(err.is_some(), "a certificate other than the given one");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // --ext-proc-plaintext: h2c, and a TLS client gets nowhere.
+    let (_r, epp) = serve_with_picker(&urls, &["--ext-proc-plaintext"]).await;
+    picker_answers(&epp, &plain).await;
+    let err = envoy::Stream::try_open(&epp, &tls).await.err();
+    assert!(err.is_some(), "TLS on the plaintext port");
 }

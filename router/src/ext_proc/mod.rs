@@ -1,6 +1,8 @@
 //! weir as a Gateway API Inference Extension endpoint picker: an Envoy `ext_proc` server
-//! (`envoy.service.ext_proc.v3.ExternalProcessor`, gRPC over h2c) that a gateway consults for each request of an
-//! InferencePool (`weir serve --ext-proc-listen`; the InferencePool's `endpointPickerRef` names it).
+//! (`envoy.service.ext_proc.v3.ExternalProcessor`, gRPC) that a gateway consults for each request of an
+//! InferencePool (`weir serve --ext-proc-listen`; the InferencePool's `endpointPickerRef` names it). [`serve`] takes
+//! its connections from the caller: `weir serve` hands it TLS connections by default, plaintext (h2c) ones with
+//! `--ext-proc-plaintext`.
 //!
 //! One ext_proc stream is one HTTP request. Envoy sends the request headers, then the body in chunks (the protocol's
 //! `FULL_DUPLEX_STREAMED` body mode); at the body's end weir runs the request phases of `weir serve` up to the pick
@@ -89,18 +91,27 @@ impl ExternalProcessor for Picker {
     }
 }
 
-/// Serves the endpoint picker on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves the endpoint picker on the connections of `incoming` until `shutdown` resolves: a `TcpIncoming` for
+/// plaintext h2c, or TLS connections accepted by the caller.
+pub async fn serve<I, IO, IE>(
+    incoming: I,
     picker: Picker,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), tonic::transport::Error>
+where
+    I: Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     tonic::transport::Server::builder()
         .add_service(picker.service())
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

@@ -24,7 +24,7 @@ use metrics_adapter::prometheus::{PrometheusConfig, PrometheusSource};
 use metrics_adapter::source::{RouterFeed, RouterSource, Source};
 use serde_json::{Map, Value};
 
-use super::tls::{CertSource, TlsListener};
+use super::tls::{self, TlsListener};
 
 /// Flags that turn the adapter on inside `weir serve` and `weir demo`.
 #[derive(Args, Debug, Clone, Default)]
@@ -69,31 +69,6 @@ async fn serve_keda(listen: &str, source: Arc<dyn Source>) -> anyhow::Result<std
     });
     tracing::info!(%addr, "KEDA external scaler listening (grpc)");
     Ok(addr)
-}
-
-/// The names a self-signed certificate is made for: the listen host plus the loopback names.
-fn self_signed_names(listen: &str) -> Vec<String> {
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    if let Some((host, _)) = listen.rsplit_once(':') {
-        let host = host.trim_matches(['[', ']']);
-        if !host.is_empty() && host != "0.0.0.0" && host != "::" && !names.iter().any(|n| n == host)
-        {
-            names.push(host.to_string());
-        }
-    }
-    names
-}
-
-/// The rustls config from a cert/key pair, or self-signed for `listen`.
-fn tls_config(
-    cert: Option<&PathBuf>,
-    key: Option<&PathBuf>,
-    listen: &str,
-) -> anyhow::Result<rustls::ServerConfig> {
-    match (cert, key) {
-        (Some(cert), Some(key)) => super::tls::server_config(CertSource::Files { cert, key }),
-        _ => super::tls::server_config(CertSource::SelfSigned(self_signed_names(listen))),
-    }
 }
 
 /// The adapter's state over `source`, with the wall clock for timestamps.
@@ -179,10 +154,11 @@ pub async fn start(
         args.metrics_adapter_namespace.clone(),
         config.scrape.interval,
     );
-    let tls = tls_config(
-        args.metrics_adapter_tls_cert.as_ref(),
-        args.metrics_adapter_tls_key.as_ref(),
+    let tls = tls::config_for(
+        args.metrics_adapter_tls_cert.as_deref(),
+        args.metrics_adapter_tls_key.as_deref(),
         listen,
+        tls::ALPN_HTTP1,
     )?;
     let addr = serve_https(listen, tls, state).await?;
     tracing::info!(%addr, external = args.metrics_adapter_external, "metrics adapter listening (https)");
@@ -279,7 +255,12 @@ fn prometheus_config(
 pub fn run(args: MetricsAdapterArgs) -> anyhow::Result<()> {
     let ttl = router::config::parse_duration("--cache-ttl", &args.cache_ttl)?;
     let timeout = router::config::parse_duration("--timeout", &args.timeout)?;
-    let tls = tls_config(args.tls_cert.as_ref(), args.tls_key.as_ref(), &args.listen)?;
+    let tls = tls::config_for(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        &args.listen,
+        tls::ALPN_HTTP1,
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -313,26 +294,4 @@ pub fn run(args: MetricsAdapterArgs) -> anyhow::Result<()> {
         super::serve::shutdown_signal().await;
         Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn self_signed_names_cover_loopback_and_the_listen_host() {
-        assert_eq!(self_signed_names("127.0.0.1:0"), ["localhost", "127.0.0.1"]);
-        assert_eq!(
-            self_signed_names("0.0.0.0:6443"),
-            ["localhost", "127.0.0.1"]
-        );
-        assert_eq!(
-            self_signed_names("10.0.0.7:6443"),
-            ["localhost", "127.0.0.1", "10.0.0.7"]
-        );
-        assert_eq!(
-            self_signed_names("[::1]:6443"),
-            ["localhost", "127.0.0.1", "::1"]
-        );
-    }
 }

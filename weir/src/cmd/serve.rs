@@ -94,10 +94,26 @@ pub struct ServeArgs {
     /// The metrics adapter beside the router (`--metrics-adapter-*`).
     #[command(flatten)]
     adapter: super::metrics_adapter::AdapterArgs,
-    /// Also serve as a Gateway API Inference Extension endpoint picker: Envoy ext_proc (gRPC, h2c) on this address
-    /// (the InferencePool's `endpointPickerRef`, port 9002 by convention; port 0 picks a free port).
+    /// Also serve as a Gateway API Inference Extension endpoint picker: Envoy ext_proc (gRPC over TLS, ALPN h2) on
+    /// this address (the InferencePool's `endpointPickerRef`, port 9002 by convention; port 0 picks a free port).
     #[arg(long, env = "WEIR_EXT_PROC_LISTEN", value_name = "ADDR")]
     ext_proc_listen: Option<String>,
+    /// PEM certificate chain for the endpoint picker's TLS (with --ext-proc-tls-key, e.g. a cert-manager Secret);
+    /// without it a self-signed certificate is made at start.
+    #[arg(
+        long,
+        requires_all = ["ext_proc_listen", "ext_proc_tls_key"],
+        conflicts_with = "ext_proc_plaintext",
+        value_name = "FILE"
+    )]
+    ext_proc_tls_cert: Option<PathBuf>,
+    /// PEM private key of --ext-proc-tls-cert.
+    #[arg(long, requires = "ext_proc_tls_cert", value_name = "FILE")]
+    ext_proc_tls_key: Option<PathBuf>,
+    /// Serve the endpoint picker as plaintext gRPC (h2c) instead of TLS: behind a mesh that encrypts, or in local
+    /// tests. Envoy AI Gateway dials pickers over TLS, so it cannot use a plaintext one.
+    #[arg(long, requires = "ext_proc_listen")]
+    ext_proc_plaintext: bool,
     /// When the endpoint picker finds no eligible endpoint: `fail-close` answers 503, `fail-open` sends the request
     /// to a random endpoint of the pool.
     #[arg(long, default_value = "fail-close", requires = "ext_proc_listen")]
@@ -277,6 +293,55 @@ pub(crate) async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// Binds `listen` and serves the ext_proc endpoint picker over `state` in a background task, over TLS unless
+/// `--ext-proc-plaintext`; the bound address.
+///
+/// TLS by default because that is how gateways dial a picker: upstream's endpoint picker (gateway-api-inference-
+/// extension, cmd/epp) has `--secure-serving`, default true (`DefaultSecureServing = true` in pkg/epp/server), and
+/// serves a self-signed certificate unless `--cert-path` names a mounted one; Envoy AI Gateway builds the
+/// InferencePool's ext_proc cluster (internal/extensionserver/inferencepool.go) with an `UpstreamTlsContext` whose
+/// validation context is empty ("Ensure Envoy accepts untrusted certificates") over HTTP/2.
+async fn start_ext_proc(
+    args: &ServeArgs,
+    listen: &str,
+    state: &std::sync::Arc<router::shared::AppState>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the ext_proc endpoint picker on {listen}"))?;
+    let addr = tcp.local_addr()?;
+    let picker = router::ext_proc::Picker::new(
+        state.clone(),
+        args.ext_proc_failure_mode,
+        args.ext_proc_message_timeout,
+    );
+    let transport = if args.ext_proc_plaintext {
+        let incoming = tonic::transport::server::TcpIncoming::from(tcp);
+        tokio::spawn(async move {
+            if let Err(e) = router::ext_proc::serve(incoming, picker, shutdown_signal()).await {
+                tracing::error!(error = %e, "ext_proc endpoint picker stopped");
+            }
+        });
+        "grpc"
+    } else {
+        let cfg = super::tls::config_for(
+            args.ext_proc_tls_cert.as_deref(),
+            args.ext_proc_tls_key.as_deref(),
+            listen,
+            super::tls::ALPN_H2,
+        )?;
+        let incoming = super::tls::TlsListener::new(tcp, cfg)?.into_incoming();
+        tokio::spawn(async move {
+            if let Err(e) = router::ext_proc::serve(incoming, picker, shutdown_signal()).await {
+                tracing::error!(error = %e, "ext_proc endpoint picker stopped");
+            }
+        });
+        "grpc over tls"
+    };
+    tracing::info!(%addr, mode = ?args.ext_proc_failure_mode, transport, "ext_proc endpoint picker listening");
+    Ok(addr)
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = build_config(&args)?;
     super::raise_nofile_limit(None);
@@ -306,21 +371,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         let mut start_line = super::metrics_adapter::start(&args.adapter, &state, &config).await?;
         if let Some(listen) = &args.ext_proc_listen {
-            let tcp = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("binding the ext_proc endpoint picker on {listen}"))?;
-            let addr = tcp.local_addr()?;
-            let picker = router::ext_proc::Picker::new(
-                state.clone(),
-                args.ext_proc_failure_mode,
-                args.ext_proc_message_timeout,
-            );
-            tokio::spawn(async move {
-                if let Err(e) = router::ext_proc::serve(tcp, picker, shutdown_signal()).await {
-                    tracing::error!(error = %e, "ext_proc endpoint picker stopped");
-                }
-            });
-            tracing::info!(%addr, mode = ?args.ext_proc_failure_mode, "ext_proc endpoint picker listening (grpc)");
+            let addr = start_ext_proc(&args, listen, &state).await?;
             start_line.insert("ext_proc".into(), addr.to_string().into());
         }
         let listener = tokio::net::TcpListener::bind(config.listen)
