@@ -12,6 +12,8 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns: a failed unwrap is a failed test
 
 mod common;
+// Scale from zero: a pool with no pod holds its first request, KEDA is told at once, the pod serves it.
+mod scale_from_zero;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -105,6 +105,8 @@ pub(crate) struct Inner {
     limiter: Arc<Limiter>,
     /// RPM / TPM shared by replicas in Redis, when configured.
     shared: Option<Arc<crate::shared::Shared>>,
+    /// Bumped whenever a queue's depth changes, so watchers (KEDA's `StreamIsActive`) push at once, not on a poll.
+    queue_changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Tenant admission. Cheap to clone (one `Arc`).
@@ -137,6 +139,7 @@ impl Admission {
                 metrics: Metrics::default(),
                 limiter: Arc::new(Limiter::new(tokio::time::Instant::now().into_std())),
                 shared,
+                queue_changes: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -289,7 +292,15 @@ impl Admission {
         out
     }
 
+    /// Changes whenever a queue's depth does (a counter; read [`Admission::tier_queues`] for the depths).
+    pub fn queue_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.queue_changes.subscribe()
+    }
+
     fn set_queued_gauge(&self, pool: &Pool, st: &PoolState) {
+        self.inner
+            .queue_changes
+            .send_modify(|n| *n = n.wrapping_add(1));
         for tier in Tier::ALL {
             let n = i64::try_from(st.sched.queued(tier)).unwrap_or(i64::MAX);
             self.inner

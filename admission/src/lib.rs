@@ -26,6 +26,7 @@
 //! Admission::replace_policies(Vec<TenantPolicySpec>) -> Result<(), Error>   // live, keeps queued requests
 //! Admission::usage(tenant) / usage_all() -> Vec<UsageRow>; is_admin(api_key); register_metrics(&mut Registry)
 //! Admission::tier_queues(now) -> Vec<TierQueue { pool, tier, queued, oldest_wait }>   // for the metrics adapter
+//! Admission::queue_changes() -> watch::Receiver<u64>   // changes with any queue's depth (KEDA pushes on it)
 //! ```
 //!
 //! Ledger invariant, per tenant x model x tier: `admitted = completed + failed + cancelled` once every permit is

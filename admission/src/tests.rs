@@ -195,6 +195,8 @@ async fn waiters_dispatch_by_tier_as_room_appears() {
 async fn tier_queues_report_depth_and_the_oldest_wait_per_pool_and_tier() {
     let adm = three_tiers();
     adm.set_room("p", 0);
+    let mut changes = adm.queue_changes();
+    assert!(!changes.has_changed().unwrap());
     let mut held = Vec::new();
     for t in ["b", "b", "i"] {
         let (adm, w) = (adm.clone(), who(&adm, t));
@@ -204,6 +206,9 @@ async fn tier_queues_report_depth_and_the_oldest_wait_per_pool_and_tier() {
         settle_tasks().await;
         tokio::time::advance(Duration::from_secs(2)).await;
     }
+    // Every queued request told the watchers.
+    assert!(changes.has_changed().unwrap());
+    changes.mark_unchanged();
     let q = adm.tier_queues(now());
     let row = |tier: Tier| q.iter().find(|r| r.pool == "p" && r.tier == tier).unwrap();
     assert_eq!(q.len(), 3, "{q:?}");
@@ -222,9 +227,10 @@ async fn tier_queues_report_depth_and_the_oldest_wait_per_pool_and_tier() {
         (row(Tier::Standard).queued, row(Tier::Standard).oldest_wait),
         (0, Duration::ZERO)
     );
-    // A client leaving takes its place with it.
+    // A client leaving takes its place with it (and tells the watchers).
     held.pop().unwrap().abort();
     settle_tasks().await;
+    assert!(changes.has_changed().unwrap());
     assert_eq!(
         adm.tier_queues(now()).iter().map(|r| r.queued).sum::<u64>(),
         2

@@ -115,6 +115,26 @@ async fn scales_a_leader_worker_set_to_zero_and_refuses_other_kinds() {
 }
 
 #[tokio::test]
+async fn scales_a_deployment_at_zero_to_its_first_pod() {
+    // Scale from zero: the Deployment reads 0 replicas, the plan asks for one pod, one PATCH sets it.
+    let (a, mut h) = actuator();
+    let targets = vec![Some(target("Deployment", "vllm-l4"))];
+    let server = tokio::spawn(async move {
+        let path = "/apis/apps/v1/namespaces/llm/deployments/vllm-l4/scale";
+        expect(&mut h, "GET", path, None, 200, scale_json("vllm-l4", 0)).await;
+        let patch = Some(json!({"spec": {"replicas": 1}}));
+        expect(&mut h, "PATCH", path, patch, 200, scale_json("vllm-l4", 1)).await;
+    });
+    let t = targets[0].as_ref().unwrap();
+    let current = a.replicas(t).await.unwrap();
+    assert_eq!(current, 0);
+    let out = a.apply(&targets, &[current], &[1]).await;
+    server.await.unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1.as_ref().ok()), (0, Some(&1)));
+}
+
+#[tokio::test]
 async fn apply_scales_only_changed_targeted_pools_and_reports_api_errors() {
     let (a, mut h) = actuator();
     let targets = vec![

@@ -300,3 +300,75 @@ pub fn mean_demand(trace: &[TraceRequest], horizon_s: f64) -> Demand {
             / h,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::{Capacity, SweepConfig};
+
+    fn request(arrival_s: f64, seed: u64) -> TraceRequest {
+        TraceRequest {
+            arrival_s,
+            prefix_group: None,
+            prefix_tokens: 0,
+            unique_tokens: 200,
+            output_tokens: 50,
+            unique_seed: seed,
+            session: None,
+        }
+    }
+
+    /// `weir plan`'s path at zero: the weir policy on one pool with min 0 and a trace whose first bucket is quiet,
+    /// so the run starts with no pod. The first requests are held through the cold start of the pod the planner asks
+    /// for, then served: none lost.
+    #[test]
+    fn from_zero_the_planner_starts_a_pod_for_the_first_request_which_is_held_then_served() {
+        let setup = Setup {
+            model: "llama-3.1-8b".into(),
+            slo: Slo {
+                ttft_s: 2.0,
+                tpot_s: 0.1,
+            },
+            utilization: 0.85,
+            tick_s: 5.0,
+            seed: 0,
+            sweep: SweepConfig {
+                duration_s: 60.0,
+                warmup_s: 10.0,
+                bisections: 2,
+                seed: 0,
+            },
+            bucket_s: 60.0,
+            horizon_s: 900.0,
+        };
+        let pools = vec![PoolOption {
+            name: "h100/both".into(),
+            gpu: "h100".into(),
+            role: Role::Both,
+            price_per_hour: 6.88,
+            min: 0,
+            max: 4,
+            capacity: Capacity {
+                rate: 5.0,
+                prefill_tok_s: 5000.0,
+                decode_tok_s: 1000.0,
+                concurrency: 8.0,
+            },
+        }];
+        let trace = vec![request(90.0, 1), request(91.0, 2), request(97.0, 3)];
+        let rep = run_policy(Policy::Weir, &setup, &pools, &trace, &mut |_| {}).unwrap();
+        assert_eq!(rep.series[0].replicas, vec![0], "the run starts at zero");
+        assert_eq!((rep.completed, rep.timed_out, rep.rejected), (3, 0, 0));
+        assert!(rep.pools[0].pods_created >= 1);
+        let startup = Profile::resolve("h100", "llama-3.1-8b").unwrap().startup_s;
+        // Asked for at the first tick at or after the first arrival, ready a cold start later: every request waited
+        // for it.
+        for (r, t) in rep.per_request.iter().zip(&trace) {
+            assert!(
+                t.arrival_s + r.ttft >= trace[0].arrival_s + startup,
+                "{r:?}"
+            );
+        }
+        assert!(rep.series.iter().any(|s| s.held > 0 && s.ready == vec![0]));
+    }
+}

@@ -2,7 +2,9 @@
 //! loopback) started and stopped in this process, the way `weir demo` runs its fleet. A new pod pays its cold start
 //! (`/health` answers 503 until the template's `startup_delay`, by default the profile's `startup_s` over the time
 //! scale) as a loading vLLM pod does; scale-down stops the newest pods first (those still starting go before ready
-//! ones). The caller publishes [`SimActuator::endpoints`] to the router's discovery after each change.
+//! ones). The caller publishes [`SimActuator::ready_endpoints`] to the router's discovery after each change and when
+//! a cold start ends ([`SimActuator::next_ready`]), as Kubernetes lists only Ready pods: a request held for a pool at
+//! zero then goes to the new pod once it can serve, never to one still loading.
 
 use sim::fleet::{FleetError, PodEndpoint, PodOptions, start_pod};
 use tokio::sync::watch;
@@ -18,6 +20,8 @@ pub struct SimPool {
 
 struct Pod {
     endpoint: PodEndpoint,
+    /// When its cold start is over (`/health` 200): taken after the pod started, so never before the pod's own.
+    ready_at: tokio::time::Instant,
     /// Turning it true stops the pod's server.
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
@@ -74,10 +78,12 @@ impl SimActuator {
             let mut o = p.spec.template.clone();
             o.seed = o.seed.wrapping_add(self.started);
             let (stop, rx) = watch::channel(false);
+            let delay = std::time::Duration::from_secs_f64(o.startup_delay_s());
             let (endpoint, task) = start_pod(o, rx).await.map_err(sim_error)?;
             self.started += 1;
             p.pods.push(Pod {
                 endpoint,
+                ready_at: tokio::time::Instant::now() + delay,
                 stop,
                 task,
             });
@@ -99,6 +105,28 @@ impl SimActuator {
             .iter()
             .flat_map(|p| p.pods.iter().map(|d| (p.spec.name.as_str(), &d.endpoint)))
             .collect()
+    }
+
+    /// The pods whose cold start is over at `now`, as (pool name, endpoint), in pool then start order.
+    pub fn ready_endpoints(&self, now: tokio::time::Instant) -> Vec<(&str, &PodEndpoint)> {
+        self.pools
+            .iter()
+            .flat_map(|p| {
+                p.pods
+                    .iter()
+                    .filter(move |d| d.ready_at <= now)
+                    .map(|d| (p.spec.name.as_str(), &d.endpoint))
+            })
+            .collect()
+    }
+
+    /// When the next pod still starting at `now` is ready (`None`: none is starting).
+    pub fn next_ready(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        self.pools
+            .iter()
+            .flat_map(|p| p.pods.iter().map(|d| d.ready_at))
+            .filter(|&t| t > now)
+            .min()
     }
 
     /// Stop every pod.
@@ -154,9 +182,15 @@ mod tests {
             .collect();
         assert_eq!(eps.len(), 3);
         assert_eq!((eps[0].0.as_str(), eps[2].0.as_str()), ("h100", "l4"));
-        // Ready pods answer 200; the L4 is still in its cold start (503).
+        // Ready pods answer 200; the L4 is still in its cold start (503), so it is not listed as ready.
         assert_eq!(health(&eps[0].1).await, Some(200));
         assert_eq!(health(&eps[2].1).await, Some(503));
+        let now = tokio::time::Instant::now();
+        let ready: Vec<&str> = a.ready_endpoints(now).iter().map(|(p, _)| *p).collect();
+        assert_eq!(ready, ["h100", "h100"]);
+        let l4_ready = a.next_ready(now).unwrap();
+        assert!(l4_ready >= now + std::time::Duration::from_secs(3599));
+        assert_eq!(a.ready_endpoints(l4_ready).len(), 3);
         // Scale the H100 pool to 1: the newest pod is stopped and refuses connections.
         assert_eq!(a.scale(0, 1).await.unwrap(), 1);
         assert_eq!(a.endpoints()[0].1.url, eps[0].1);

@@ -102,6 +102,10 @@ pub struct TierQueue {
 /// Admission's queues per pool × tier, as the `weir` binary reads them from the router's admission.
 pub trait TierQueues: Send + Sync {
     fn tier_queues(&self) -> Vec<TierQueue>;
+    /// A receiver that changes whenever a queue's depth does (`None`: read on a poll only).
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// One metric over admission's queues (external metrics with labels `pool` and `tier`, and the KEDA scaler).

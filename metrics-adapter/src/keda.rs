@@ -20,11 +20,15 @@
 //! value never reads as 0) and the double field.
 //!
 //! `StreamIsActive` sends the current state when the stream opens, then re-reads the source every
-//! [`Scaler::poll`] and sends each change. `StreamMetricSpec` answers `UNIMPLEMENTED` (KEDA then keeps polling
-//! `GetMetricSpec`, whose answer depends on the metadata only).
+//! [`Scaler::poll`] and at once whenever admission's queues change ([`Source::tier_changes`]), and sends each change.
+//! `StreamMetricSpec` answers `UNIMPLEMENTED` (KEDA then keeps polling `GetMetricSpec`, whose answer depends on the
+//! metadata only).
 //!
-//! A pool with no pods has no samples, so its value is 0 and it is inactive: scaling a pool up from zero on requests
-//! held for it needs the router to hold them, which it does not do yet.
+//! Scale from zero: a pool with no pods has no samples, so a per-pod metric's value is 0; but the router holds the
+//! pool's requests in admission's queues until a pod is ready, and a per-pod trigger is also active while any request
+//! is held for its pool ([`Trigger::held`]; queues are per router pool, so `model`, `role` and `gpu` do not narrow
+//! it). The first held request is pushed to an open `StreamIsActive` as soon as
+//! it is queued; `GetMetrics` still answers the pods' sum (0), KEDA's HPA taking over once a pod runs.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -193,6 +197,17 @@ impl Trigger {
     pub fn active(&self, value: f64) -> bool {
         value > self.activation
     }
+
+    /// Whether admission holds a request for the selected pool (any pool without one) in the selected tier (any),
+    /// which makes a per-pod trigger active: a pool at zero has no pod to report a value, yet needs one.
+    pub fn held(&self, queues: &[TierQueue]) -> bool {
+        let eq = |want: &Option<String>, have: &str| {
+            want.as_deref().is_none_or(|w| w.eq_ignore_ascii_case(have))
+        };
+        queues
+            .iter()
+            .any(|q| q.queued > 0 && eq(&self.pool, &q.pool) && eq(&self.tier, &q.tier))
+    }
 }
 
 /// A non-negative value as KEDA's int64 field: rounded up, so 0.2 queued reads as 1, not 0.
@@ -241,6 +256,36 @@ impl Scaler {
         })?;
         Ok(t.value(&values))
     }
+
+    /// Whether the trigger is active now: its value above the activation, or (per-pod metrics) a request held for
+    /// its pool.
+    async fn is_active_now(&self, t: &Trigger) -> Result<bool, Status> {
+        let v = self.current(t).await?;
+        let held = matches!(t.metric, TriggerMetric::Pods(_))
+            && self.source.tier_queues().is_some_and(|q| t.held(&q));
+        Ok(t.active(v) || held)
+    }
+}
+
+/// Resolves at the next poll tick, or as soon as `changes` (admission's queues) changes; a closed channel falls back
+/// to the tick alone.
+async fn next_look(
+    tick: &mut tokio::time::Interval,
+    changes: &mut Option<tokio::sync::watch::Receiver<u64>>,
+) {
+    let closed = match changes {
+        Some(rx) => tokio::select! {
+            _ = tick.tick() => false,
+            r = rx.changed() => r.is_err(),
+        },
+        None => {
+            tick.tick().await;
+            false
+        }
+    };
+    if closed {
+        *changes = None;
+    }
 }
 
 fn trigger_of(r: &ScaledObjectRef) -> Result<Trigger, Status> {
@@ -257,9 +302,8 @@ impl ExternalScaler for Scaler {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let t = trigger_of(request.get_ref())?;
-        let v = self.current(&t).await?;
         Ok(Response::new(IsActiveResponse {
-            result: t.active(v),
+            result: self.is_active_now(&t).await?,
         }))
     }
 
@@ -273,18 +317,19 @@ impl ExternalScaler for Scaler {
         let scaler = self.clone();
         let mut tick = tokio::time::interval(self.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // State: the last state sent (None before the first send).
+        let changes = self.source.tier_changes();
+        // State: the last state sent (None before the first send). The interval's first tick is immediate: the
+        // stream opens with the current state.
         let stream = futures::stream::unfold(
-            (scaler, t, tick, None::<bool>),
-            |(scaler, t, mut tick, last)| async move {
+            (scaler, t, tick, changes, None::<bool>),
+            |(scaler, t, mut tick, mut changes, last)| async move {
                 loop {
-                    tick.tick().await;
-                    match scaler.current(&t).await {
-                        Ok(v) => {
-                            let now = t.active(v);
+                    next_look(&mut tick, &mut changes).await;
+                    match scaler.is_active_now(&t).await {
+                        Ok(now) => {
                             if last != Some(now) {
                                 let item = Ok(IsActiveResponse { result: now });
-                                return Some((item, (scaler, t, tick, Some(now))));
+                                return Some((item, (scaler, t, tick, changes, Some(now))));
                             }
                         }
                         // A failing source sends nothing (KEDA keeps the last state); the next tick retries.
@@ -367,124 +412,5 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use policies::pool::PoolKey;
-
-    use super::*;
-
-    fn meta(kv: &[(&str, &str)]) -> HashMap<String, String> {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn pod(name: &str, pool: &str, role: &str, gpu: &str, value: f64) -> PodValue {
-        PodValue {
-            pod: name.into(),
-            pool: pool.into(),
-            key: PoolKey {
-                model: "llama".into(),
-                role: role.into(),
-                gpu: gpu.into(),
-            },
-            labels: BTreeMap::new(),
-            value,
-        }
-    }
-
-    #[test]
-    fn metadata_names_metric_selection_and_targets() {
-        let t = Trigger::from_metadata(&meta(&[
-            ("scalerAddress", "x:9100"),
-            ("metric", "kv_cache_utilization"),
-            ("pool", "llama"),
-            ("role", "decode"),
-            ("targetValue", "0.7"),
-            ("activationTargetValue", "0.1"),
-        ]))
-        .unwrap();
-        assert_eq!(t.metric.name(), "weir_kv_cache_utilization");
-        assert_eq!((t.target, t.activation), (Some(0.7), 0.1));
-        let d = Trigger::from_metadata(&meta(&[])).unwrap();
-        assert_eq!(
-            (d.metric.name(), d.target, d.activation),
-            (DEFAULT_METRIC, None, 0.0)
-        );
-    }
-
-    #[test]
-    fn bad_metadata_is_invalid_argument() {
-        for bad in [
-            &[("metric", "nope")][..],
-            &[("targetValue", "x")],
-            &[("targetValue", "0")],
-            &[("activationTargetValue", "NaN")],
-        ] {
-            let e = Trigger::from_metadata(&meta(bad)).unwrap_err();
-            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e}");
-        }
-    }
-
-    #[test]
-    fn value_sums_the_selected_pods_and_activation_is_strict() {
-        let pods = [
-            pod("a", "llama", "decode", "h100", 3.0),
-            pod("b", "llama", "decode", "h100", 2.0),
-            pod("c", "llama", "prefill", "l4", 7.0),
-            pod("d", "other", "decode", "h100", 100.0),
-        ];
-        let t = |kv: &[(&str, &str)]| Trigger::from_metadata(&meta(kv)).unwrap();
-        assert_eq!(
-            t(&[("pool", "llama"), ("role", "decode")]).value(&pods),
-            5.0
-        );
-        assert_eq!(t(&[("pool", "llama")]).value(&pods), 12.0);
-        assert_eq!(t(&[("pool", "llama/prefill/l4")]).value(&pods), 7.0);
-        assert_eq!(t(&[("gpu", "H100")]).value(&pods), 105.0);
-        assert_eq!(t(&[("pool", "none")]).value(&pods), 0.0);
-        let a = t(&[("activationTargetValue", "5")]);
-        assert!(!a.active(5.0));
-        assert!(a.active(5.5));
-    }
-
-    #[test]
-    fn tier_metrics_fold_the_selected_queues() {
-        let q = |pool: &str, tier: &str, queued: u64, wait: f64| TierQueue {
-            pool: pool.into(),
-            tier: tier.into(),
-            queued,
-            oldest_wait_seconds: wait,
-        };
-        let queues = [
-            q("llama", "interactive", 2, 0.5),
-            q("llama", "batch", 5, 9.0),
-            q("other", "batch", 100, 60.0),
-        ];
-        let t = |kv: &[(&str, &str)]| Trigger::from_metadata(&meta(kv)).unwrap();
-        let value = |kv: &[(&str, &str)]| {
-            let t = t(kv);
-            let TriggerMetric::Tier(m) = t.metric else {
-                panic!("{kv:?}: not a tier metric");
-            };
-            t.tier_value(m, &queues)
-        };
-        let depth = ("metric", "tier_queue_depth");
-        let wait = ("metric", "weir_tier_queue_wait_seconds");
-        assert_eq!(value(&[depth, ("pool", "llama")]), 7.0);
-        assert_eq!(value(&[depth, ("pool", "llama"), ("tier", "Batch")]), 5.0);
-        assert_eq!(value(&[depth]), 107.0);
-        assert_eq!(value(&[wait, ("pool", "llama")]), 9.0);
-        assert_eq!(value(&[wait, ("pool", "none")]), 0.0);
-    }
-
-    #[test]
-    fn int_values_round_up_and_never_go_negative() {
-        assert_eq!(int_value(0.2), 1);
-        assert_eq!(int_value(3.0), 3);
-        assert_eq!(int_value(0.0), 0);
-        assert_eq!(int_value(-2.0), 0);
-        assert_eq!(int_value(f64::NAN), 0);
-    }
-}
+#[path = "keda_tests.rs"]
+mod tests;

@@ -62,6 +62,10 @@ pub trait Source: Send + Sync {
     fn tier_queues(&self) -> Option<Vec<TierQueue>> {
         None
     }
+    /// Changes whenever [`Source::tier_queues`] does, for watchers that push on change (`None`: poll).
+    fn tier_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// How a [`RouterSource`] gets samples.
@@ -190,5 +194,9 @@ impl Source for RouterSource {
 
     fn tier_queues(&self) -> Option<Vec<TierQueue>> {
         self.tiers.as_ref().map(|t| t.tier_queues())
+    }
+
+    fn tier_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.tiers.as_ref().and_then(|t| t.changes())
     }
 }

@@ -4,7 +4,10 @@
 //!
 //! Room ([`policies::room`]) is what makes priorities take effect in weir rather than in vLLM's FIFO: a request
 //! waits in weir's tier queues until its pool has room, so a later interactive request can still go first. A pool
-//! none of whose pods was ever scraped (backends without `/metrics`) is not gated: there is nothing to gate on.
+//! none of whose pods was ever scraped (backends without `/metrics`) is not gated: there is nothing to gate on. A
+//! pool with no pod at all (scaled to zero, or none discovered yet) has no room: its requests are held in their tier
+//! queues (bounded by the tenant's queue size and maximum wait) until discovery adds a pod, which is how a pool scales
+//! from zero without losing its first requests.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,8 +33,8 @@ pub fn build(
     Admission::from_policies(tenants.to_vec(), settings.config.clone()).map(Some)
 }
 
-/// The room of `pool` now and the part of it reserved from batch, `None` when the pool is not gated (no pod was
-/// ever scraped).
+/// The room of `pool` now and the part of it reserved from batch, `None` when the pool is not gated (it has pods,
+/// none of them ever scraped). A pool without pods has no room (`(0, 0)`): its requests wait for one.
 pub fn room_of(
     pool: &Pool,
     cfg: &RoomConfig,
@@ -39,6 +42,9 @@ pub fn room_of(
     since_epoch: Duration,
     stale_after: Duration,
 ) -> Option<(u32, u32)> {
+    if pool.endpoints.is_empty() {
+        return Some((0, 0));
+    }
     if !pool.endpoints.iter().any(|e| e.state.ever_scraped()) {
         return None;
     }
@@ -56,6 +62,29 @@ pub fn room_of(
     Some(pool_room_reserved(&loads, cfg))
 }
 
+/// Hands every pool's room now to admission. The router calls it once before it serves, so a pool at zero holds
+/// even the first request, then [`feed_room`] keeps it current.
+pub fn feed_room_once(
+    adm: &Admission,
+    snap: &EndpointSnapshot,
+    cfg: &RoomConfig,
+    epoch: tokio::time::Instant,
+    stale_after: Duration,
+) {
+    let now = tokio::time::Instant::now();
+    for pool in &snap.pools {
+        let room = room_of(
+            pool,
+            cfg,
+            now.into_std(),
+            now.duration_since(epoch),
+            stale_after,
+        );
+        let (room, reserve) = room.unwrap_or((u32::MAX, 0));
+        adm.set_room_reserved(&pool.name, room, reserve);
+    }
+}
+
 /// Recomputes every pool's room each `every` and hands it to admission, until the task is dropped.
 pub async fn feed_room(
     adm: Admission,
@@ -69,19 +98,7 @@ pub async fn feed_room(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let snap = snapshot.load();
-        let now = tokio::time::Instant::now();
-        for pool in &snap.pools {
-            let room = room_of(
-                pool,
-                &cfg,
-                now.into_std(),
-                now.duration_since(epoch),
-                stale_after,
-            );
-            let (room, reserve) = room.unwrap_or((u32::MAX, 0));
-            adm.set_room_reserved(&pool.name, room, reserve);
-        }
+        feed_room_once(&adm, &snapshot.load(), &cfg, epoch, stale_after);
     }
 }
 

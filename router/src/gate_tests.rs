@@ -316,3 +316,102 @@ async fn with_admission_off_there_are_no_keys_queues_or_ledger() {
         (StatusCode::NOT_FOUND, "usage_disabled".into())
     );
 }
+
+/// A router whose pool `m` has no static pod; its pods come from the returned discovery source (a pool at zero).
+fn at_zero(
+    yaml: &str,
+) -> (
+    Arc<AppState>,
+    tokio::sync::watch::Sender<Vec<crate::discovery::DiscoveredEndpoint>>,
+) {
+    let cfg = crate::config::RawConfig::from_yaml(yaml)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let mut d = crate::discovery::Discovery::new();
+    d.add_static(&cfg);
+    let pods = d.add_source("test");
+    (
+        crate::start(&cfg, d, Default::default(), 1_700_000_000, 7).unwrap(),
+        pods,
+    )
+}
+
+/// Requests admission holds for pool `m` now.
+fn held(s: &AppState) -> u64 {
+    let now = tokio::time::Instant::now().into_std();
+    let q = s.admission.as_ref().unwrap().tier_queues(now);
+    q.iter().filter(|q| q.pool == "m").map(|q| q.queued).sum()
+}
+
+#[tokio::test]
+async fn a_request_for_a_pool_at_zero_is_held_until_a_pod_is_discovered_then_served_once() {
+    let (f, url) = fake(OK).await;
+    let (s, pods) =
+        at_zero("pools: [{name: m}]\nadmission: {refresh: 5ms}\nscrape: {interval: 20ms}");
+    let req = {
+        let s = s.clone();
+        tokio::spawn(async move { send(&s, post("/v1/completions", PROMPT)).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while held(&s) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Held, not answered: no pod to send it to, and none of the 503s of an empty pool.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!req.is_finished());
+    assert_eq!(held(&s), 1);
+    pods.send_replace(vec![crate::discovery::DiscoveredEndpoint::from_url(
+        "m", &url,
+    )]);
+    let (st, _, body) = tokio::time::timeout(Duration::from_secs(5), req)
+        .await
+        .expect("served once the pod was discovered")
+        .unwrap();
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(held(&s), 0);
+    assert_eq!(f.hits.load(Ordering::SeqCst), 1);
+    let rows = s.admission.as_ref().unwrap().usage("default");
+    let c = rows[0].counters;
+    assert_eq!(
+        (
+            c.admitted,
+            c.completed,
+            c.prompt_tokens,
+            c.completion_tokens
+        ),
+        (1, 1, 4, 1),
+        "{rows:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_pool_still_at_zero_when_the_wait_ends_answers_503_with_retry_after() {
+    let (_s, url) = fake(OK).await;
+    let yaml = tenants(&url).replace(&format!("endpoints: ['{url}']"), "endpoints: []");
+    let (s, _pods) = at_zero(&yaml);
+    let t0 = tokio::time::Instant::now();
+    let (st, h, body) = send(&s, with_key(post("/v1/completions", PROMPT), "sk-bob")).await;
+    assert_eq!(
+        (st, err_code(&body)),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable".into()
+        ),
+        "{body}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(h["retry-after"], "1");
+    let u = usage(&s, "sk-bob").await;
+    let row = &u["data"][0];
+    assert_eq!(
+        (row["admitted"].as_u64(), row["rejected"].as_u64()),
+        (Some(0), Some(1)),
+        "{row}"
+    );
+}

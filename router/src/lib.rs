@@ -95,6 +95,13 @@ pub fn start(
         admission.clone(),
     );
     if let (Some(adm), Some(room)) = (admission, config.admission.room) {
+        gate::feed_room_once(
+            &adm,
+            &shared.load(),
+            &room,
+            state.epoch,
+            config.scrape.stale_after,
+        );
         tokio::spawn(gate::feed_room(
             adm,
             shared.clone(),

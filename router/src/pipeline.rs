@@ -152,7 +152,8 @@ pub fn route(
 
 /// Phase 4: with admission on, waits in the tenant's tier queue of the plan's pool until the pool has room and
 /// keeps the permit in `ctx` (cancel-safe: a client that leaves while queued frees its place at once). Then the
-/// request is counted active.
+/// request is counted active. A pool with no pod has no room, so its requests wait here for discovery to add one
+/// (scale from zero); one that waits its whole time in vain gets a 503 (see [`crate::plan::rejected`]).
 pub async fn admit(
     app: &Arc<AppState>,
     snap: &EndpointSnapshot,
@@ -180,7 +181,14 @@ pub async fn admit(
         }
         .map_err(|r| {
             ctx.rate = r.rate;
-            r.to_api_error()
+            let pool = &snap.pools[plan.pool].name;
+            let now = app.snapshot.load();
+            let no_pod = now
+                .pools
+                .iter()
+                .find(|p| p.name == *pool)
+                .is_none_or(|p| p.endpoints.is_empty());
+            crate::plan::rejected(&route.name, no_pod, &r)
         })?;
         ctx.rate = Some(permit.rate);
         ctx.permit = Some(permit);
@@ -280,7 +288,7 @@ async fn serve(app: Arc<AppState>, mut ctx: Ctx, gone: Option<Gone>) -> Response
             .map(|a| (plan, a)),
         Err(e) => Err(e),
     };
-    let (plan, admitted) = match planned {
+    let (mut plan, admitted) = match planned {
         Ok(p) => p,
         Err(e) => {
             app.count(&model, e.status);
@@ -289,11 +297,30 @@ async fn serve(app: Arc<AppState>, mut ctx: Ctx, gone: Option<Gone>) -> Response
             return r;
         }
     };
+    let snap = latest(&app, snap, &mut plan);
     let series = admitted.series.clone();
     let (mut resp, outcome) = proxy(&app, &snap, &mut ctx, admitted, plan).await;
     account(&app, &model, &series, &outcome, ctx.permit.take());
     crate::gate::rate_headers(resp.headers_mut(), ctx.rate.as_ref());
     resp
+}
+
+/// The newest snapshot, with `plan.pool` naming the same pool in it: a request that waited in admission runs on
+/// the endpoints discovered meanwhile (the pod added to a pool that was at zero). `snap` when nothing changed or the
+/// pool is gone from the newest one.
+fn latest(app: &AppState, snap: Arc<EndpointSnapshot>, plan: &mut Plan) -> Arc<EndpointSnapshot> {
+    let now = app.snapshot.load_full();
+    if now.version == snap.version {
+        return snap;
+    }
+    let name = &snap.pools[plan.pool].name;
+    match now.pools.iter().position(|p| p.name == *name) {
+        Some(i) => {
+            plan.pool = i;
+            now
+        }
+        None => snap,
+    }
 }
 
 /// Records the answer's status on the request span (a 5xx marks the server span failed).

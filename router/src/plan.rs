@@ -307,6 +307,30 @@ pub fn no_endpoint(model: &str, why: &NoEligibleEndpoint, retry_after: u64) -> A
     .with_retry_after(retry_after)
 }
 
+/// The client's error for a request admission did not admit. One that waited its whole queue time for a pool that
+/// still has no pod (`no_pod`: scaled to zero, and none became ready in time) is a 503 `service_unavailable` with the
+/// queue's `Retry-After`, not the 429 of a busy pool: no rate of the client's caused it.
+pub fn rejected(model: &str, no_pod: bool, r: &admission::Reject) -> ApiError {
+    let e = r.to_api_error();
+    if !no_pod || r.reason != admission::RejectReason::DeadlineExceeded {
+        return e;
+    }
+    let held = ApiError::new(
+        503,
+        "server_error",
+        format!(
+            "No model server for `{model}` became ready in time. {}",
+            r.message
+        ),
+    )
+    .with_code("service_unavailable")
+    .blamed(Blame::Upstream);
+    match e.retry_after {
+        Some(s) => held.with_retry_after(s),
+        None => held,
+    }
+}
+
 /// The client's error after the last attempt failed with `last` (`None`: no endpoint could even be tried).
 /// `breaker_retry_after` is asked only for the errors that carry it.
 pub fn give_up(last: Option<Failure>, breaker_retry_after: impl FnOnce() -> u64) -> ApiError {
@@ -397,6 +421,32 @@ mod tests {
             j["stream_options"],
             serde_json::json!({"continuous_usage_stats": true, "include_usage": true})
         );
+    }
+
+    #[test]
+    fn a_request_that_waited_in_vain_for_a_pool_at_zero_is_a_503_with_retry_after() {
+        use admission::{Reject, RejectReason};
+        let late = Reject::new(
+            RejectReason::DeadlineExceeded,
+            Some(Duration::from_millis(1500)),
+            "waited 3000 ms",
+        );
+        let e = rejected("m", true, &late);
+        assert_eq!(
+            (e.status, e.code.as_deref(), e.retry_after, e.blame),
+            (503, Some("service_unavailable"), Some(2), Blame::Upstream)
+        );
+        assert!(e.message.contains("`m`") && e.message.contains("waited 3000 ms"));
+        // A pool with pods that stayed busy: the queue's 429.
+        let e = rejected("m", false, &late);
+        assert_eq!((e.status, e.code.as_deref()), (429, Some("queue_timeout")));
+        // Other rejections are never rewritten.
+        let full = Reject::new(
+            RejectReason::QueueFull,
+            Some(Duration::from_secs(1)),
+            "full",
+        );
+        assert_eq!(rejected("m", true, &full).status, 429);
     }
 
     #[test]

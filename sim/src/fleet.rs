@@ -134,6 +134,14 @@ impl PodOptions {
             tokenizer: PodTokenizer::default(),
         }
     }
+
+    /// Real seconds from the start until `/health` answers 200: [`PodOptions::startup_delay`], or the profile's
+    /// start-up time over the time scale.
+    pub fn startup_delay_s(&self) -> f64 {
+        self.startup_delay
+            .unwrap_or(self.profile.startup_s / self.time_scale)
+            .max(0.0)
+    }
 }
 
 /// A started pod, as printed by `weir sim`.
@@ -280,10 +288,7 @@ pub async fn start_pod(
             transfers: Some(ttx),
         },
     );
-    let delay = o
-        .startup_delay
-        .unwrap_or(profile.startup_s / o.time_scale)
-        .max(0.0);
+    let delay = o.startup_delay_s();
     let pod_cfg = PodConfig {
         served_model_names: names.clone(),
         model_root: profile.model_name().to_string(),

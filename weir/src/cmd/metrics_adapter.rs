@@ -52,7 +52,8 @@ pub struct AdapterArgs {
     pub keda_scaler_listen: Option<String>,
 }
 
-/// How often an open `StreamIsActive` re-reads the samples: a queue filling at zero reaches KEDA within this.
+/// How often an open `StreamIsActive` re-reads the samples (a pod's engine queue filling reaches KEDA within this;
+/// a change of admission's queues, such as the first request held for a pool at zero, is pushed at once).
 const KEDA_POLL: Duration = Duration::from_millis(200);
 
 /// Binds `listen` and serves KEDA's external scaler over `source` in a background task; the bound address.
@@ -124,6 +125,10 @@ impl TierQueues for AdmissionQueues {
                 oldest_wait_seconds: q.oldest_wait.as_secs_f64(),
             })
             .collect()
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.0.queue_changes())
     }
 }
 

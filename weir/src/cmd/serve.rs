@@ -166,6 +166,17 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<router::config::Config> {
     for r in &args.roles {
         raw.add_role_flag(r)?;
     }
+    // A Kubernetes pool exists before any pod of it does: its model is routed at zero pods, and its requests wait in
+    // admission for a pod instead of answering 404.
+    let k8s_pool = args.k8s_inference_pool.as_ref().or(args.k8s_pool.as_ref());
+    if let Some(name) = k8s_pool.filter(|_| wants_kubernetes(args))
+        && !raw.pools.iter().any(|p| &p.name == name)
+    {
+        raw.pools.push(router::config::RawPool {
+            name: name.clone(),
+            ..Default::default()
+        });
+    }
     if let Some(p) = &args.policy {
         let pol = raw_policy(p)?;
         for pool in raw.pools.iter_mut().filter(|p| p.policy.is_none()) {
