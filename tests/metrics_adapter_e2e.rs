@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
+use metrics_adapter::keda::proto::external_scaler_client::ExternalScalerClient;
 use serde_json::{Value, json};
 
 const V2: &str = "apis/custom.metrics.k8s.io/v1beta2";
@@ -281,6 +282,16 @@ async fn serve_answers_the_custom_metrics_api_over_https_with_each_pods_own_valu
 }
 
 /// A KEDA trigger's metadata.
+/// A KEDA external-scaler client connected to `addr` (`host:port`, plaintext gRPC).
+async fn keda_client(addr: &str) -> ExternalScalerClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ExternalScalerClient::new(channel)
+}
+
 fn trigger(kv: &[(&str, &str)]) -> metrics_adapter::keda::proto::ScaledObjectRef {
     metrics_adapter::keda::proto::ScaledObjectRef {
         name: "llama".into(),
@@ -295,7 +306,6 @@ fn trigger(kv: &[(&str, &str)]) -> metrics_adapter::keda::proto::ScaledObjectRef
 #[tokio::test]
 async fn keda_external_scaler_answers_over_grpc_from_the_routers_samples() {
     use metrics_adapter::keda::proto::GetMetricsRequest;
-    use metrics_adapter::keda::proto::external_scaler_client::ExternalScalerClient;
 
     // One slow pod with 41 KV blocks: two 200-word prompts fill it, so further requests wait in its engine queue.
     let fleet = Weir::fleet(1, "0.05", &["--num-gpu-blocks", "41"]).await;
@@ -313,12 +323,7 @@ async fn keda_external_scaler_answers_over_grpc_from_the_routers_samples() {
         .as_str()
         .unwrap_or_else(|| panic!("no keda_scaler in {}", router.json()))
         .to_string();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut keda = ExternalScalerClient::new(channel);
+    let mut keda = keda_client(&addr).await;
     let meta = [
         ("scalerAddress", addr.as_str()),
         ("pool", MODEL),
@@ -799,7 +804,6 @@ async fn prometheus_source_serves_each_pods_own_kv_within_one_scrape_interval() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_tier_queues_are_served_per_pool_and_tier_and_to_keda() {
     use metrics_adapter::keda::proto::GetMetricsRequest;
-    use metrics_adapter::keda::proto::external_scaler_client::ExternalScalerClient;
 
     // One slow pod that takes one request at a time (admission.max_in_flight 1): further requests wait in weir's
     // tier queues, not in the engine.
@@ -920,12 +924,7 @@ async fn admission_tier_queues_are_served_per_pool_and_tier_and_to_keda() {
     .await;
 
     // KEDA: the pool's queue depth over gRPC, and active.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{keda_addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut keda = ExternalScalerClient::new(channel);
+    let mut keda = keda_client(&keda_addr).await;
     let meta = [
         ("pool", "m"),
         ("metric", "tier_queue_depth"),

@@ -111,12 +111,7 @@ async fn a_pool_at_zero_holds_its_first_request_pushes_keda_and_serves_it_once_a
     ])
     .await;
     let addr = router.json()["keda_scaler"].as_str().unwrap().to_string();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut keda = ExternalScalerClient::new(channel);
+    let mut keda = super::keda_client(&addr).await;
     // The usual trigger of a pool: its pods' engine queues. At zero there are no pods to report one.
     let meta = [
         ("pool", "m"),
