@@ -9,15 +9,18 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use policies::fair::{Grant, Removed, Request, RequestId, Scheduler, Shed};
-use policies::tenant::{ApiKeyHash, TenantPolicySpec, Tier};
+use policies::tenant::{ApiKeyHash, TenantPolicySpec, TenantRules, Tier};
 use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 
 use crate::ledger::{Key, Ledger, UsageRow};
-use crate::limits::{Limiter, RateHeaders, Reservation};
-use crate::metrics::{DecisionLabels, EndLabels, Metrics, PoolTierLabels, TierLabels, TokenLabels};
+use crate::limits::{Limiter, Reservation};
+use crate::metrics::{DecisionLabels, Metrics, PoolTierLabels, TierLabels};
 use crate::tenants::{Identity, Tenant, TenantTable};
 use crate::{AdmissionConfig, Reject, RejectReason, Result};
+
+mod permit;
+pub use permit::Permit;
 
 /// What the router asks admission for.
 #[derive(Debug, Clone, PartialEq)]
@@ -334,37 +337,83 @@ impl Admission {
         };
         let rules = &t.rules;
         let label = t.label.to_string();
-        if !rules.models.allows(&req.model) {
-            // Rows keyed by a model the tenant may not use would let a client grow the ledger without bound.
-            let key: Key = (rules.tenant.clone(), Arc::from("-"), rules.tier);
-            self.inner.ledger.record(&key, |c| c.rejected += 1);
-            self.count_decision(
-                &label,
-                rules.tier,
-                "rejected",
-                RejectReason::ModelNotAllowed.as_str(),
-            );
-            return Err(Reject::new(
-                RejectReason::ModelNotAllowed,
-                None,
-                format!(
-                    "Tenant `{}` may not use the model `{}`.",
-                    rules.tenant, req.model
-                ),
-            ));
-        }
+        self.check_model(rules, &label, &req.model)?;
         let key: Key = (
             rules.tenant.clone(),
             Arc::from(req.model.as_str()),
             rules.tier,
         );
-        // Limits before queuing: a request over its tenant's RPM / TPM / concurrency costs no queue place. Dropped
-        // before dispatch (shed, expired, client gone), the reservation refunds itself.
+        let reservation = self.reserve(rules, &label, &key, &req, now).await?;
         let cfg = &self.inner.cfg;
-        let reserve_tokens =
-            req.prompt_tokens + req.max_tokens.unwrap_or(cfg.default_output_tokens);
-        let reservation = match self
-            .inner
+        let max_wait_deadline = now + rules.queue.max_wait;
+        let deadline = req
+            .deadline
+            .map_or(max_wait_deadline, |d| d.min(max_wait_deadline));
+        let queued = Request {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            tenant: rules.tenant.clone(),
+            tier: rules.tier,
+            weight: rules.weight,
+            prompt_tokens: req.prompt_tokens,
+            expected_output: req
+                .max_tokens
+                .unwrap_or(cfg.default_output_tokens)
+                .min(cfg.max_output_estimate),
+            enqueued_at: now,
+            deadline,
+        };
+        let id = queued.id;
+        let pool = self.pool(&req.pool);
+        let notify = self.enqueue(&pool, queued, rules, &label, &key)?;
+        let waiting = Waiting {
+            adm: self,
+            pool,
+            id,
+            tenant: rules.tenant.clone(),
+            tier: rules.tier,
+            key,
+            label,
+            done: false,
+        };
+        waiting.wait(&notify, now, deadline, reservation).await
+    }
+
+    /// Refuses (and counts) a model the tenant may not use.
+    fn check_model(&self, rules: &TenantRules, label: &str, model: &str) -> Result<(), Reject> {
+        if rules.models.allows(model) {
+            return Ok(());
+        }
+        // Rows keyed by a model the tenant may not use would let a client grow the ledger without bound.
+        let key: Key = (rules.tenant.clone(), Arc::from("-"), rules.tier);
+        self.inner.ledger.record(&key, |c| c.rejected += 1);
+        self.count_decision(
+            label,
+            rules.tier,
+            "rejected",
+            RejectReason::ModelNotAllowed.as_str(),
+        );
+        Err(Reject::new(
+            RejectReason::ModelNotAllowed,
+            None,
+            format!("Tenant `{}` may not use the model `{model}`.", rules.tenant),
+        ))
+    }
+
+    /// Limits before queuing: a request over its tenant's RPM / TPM / concurrency costs no queue place. Dropped
+    /// before dispatch (shed, expired, client gone), the reservation refunds itself.
+    async fn reserve(
+        &self,
+        rules: &TenantRules,
+        label: &str,
+        key: &Key,
+        req: &AdmitRequest,
+        now: Instant,
+    ) -> Result<Reservation, Reject> {
+        let reserve_tokens = req.prompt_tokens
+            + req
+                .max_tokens
+                .unwrap_or(self.inner.cfg.default_output_tokens);
+        self.inner
             .limiter
             .reserve_any(
                 self.inner.shared.as_ref(),
@@ -375,111 +424,70 @@ impl Admission {
                 now,
             )
             .await
-        {
-            Ok(r) => r,
-            Err(reject) => {
-                self.inner.ledger.record(&key, |c| c.rejected += 1);
-                self.count_decision(&label, rules.tier, "rejected", reject.reason.as_str());
-                return Err(reject);
-            }
-        };
-        let max_wait_deadline = now + rules.queue.max_wait;
-        let deadline = req
-            .deadline
-            .map_or(max_wait_deadline, |d| d.min(max_wait_deadline));
-        let expected_output = req
-            .max_tokens
-            .unwrap_or(cfg.default_output_tokens)
-            .min(cfg.max_output_estimate);
-        let pool = self.pool(&req.pool);
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            .inspect_err(|reject| {
+                self.inner.ledger.record(key, |c| c.rejected += 1);
+                self.count_decision(label, rules.tier, "rejected", reject.reason.as_str());
+            })
+    }
+
+    /// Queues `queued` in `pool`'s scheduler and dispatches what the room allows, or sheds it (counted; the client's
+    /// error). The returned [`Notify`] wakes the request's waiter when it may start.
+    fn enqueue(
+        &self,
+        pool: &Pool,
+        queued: Request,
+        rules: &TenantRules,
+        label: &str,
+        key: &Key,
+    ) -> Result<Arc<Notify>, Reject> {
+        let id = queued.id;
         let notify = Arc::new(Notify::new());
+        let mut st = pool.state.lock();
+        match st
+            .sched
+            .enqueue(queued, rules.queue.max_queued.get() as usize)
         {
-            let mut st = pool.state.lock();
-            let queued = Request {
-                id,
-                tenant: rules.tenant.clone(),
-                tier: rules.tier,
-                weight: rules.weight,
-                prompt_tokens: req.prompt_tokens,
-                expected_output,
-                enqueued_at: now,
-                deadline,
-            };
-            match st
-                .sched
-                .enqueue(queued, rules.queue.max_queued.get() as usize)
-            {
-                Err(shed) => {
-                    let (reason, retry_after) = match shed {
-                        Shed::TierFull { retry_after, .. } => {
-                            (RejectReason::QueueFull, retry_after)
-                        }
-                        Shed::TenantFull { retry_after } => {
-                            (RejectReason::TenantQueueFull, retry_after)
-                        }
-                    };
-                    drop(st);
-                    self.inner.ledger.record(&key, |c| c.rejected += 1);
-                    self.count_decision(&label, rules.tier, "rejected", reason.as_str());
-                    let msg = match reason {
-                        RejectReason::TenantQueueFull => format!(
+            Err(shed) => {
+                drop(st);
+                let (reason, retry_after, msg) = match shed {
+                    Shed::TierFull { retry_after, .. } => (
+                        RejectReason::QueueFull,
+                        retry_after,
+                        format!(
+                            "The {} queue of pool `{}` is full; retry later.",
+                            rules.tier, pool.name
+                        ),
+                    ),
+                    Shed::TenantFull { retry_after } => (
+                        RejectReason::TenantQueueFull,
+                        retry_after,
+                        format!(
                             "Tenant `{}` already has {} requests waiting; retry later.",
                             rules.tenant, rules.queue.max_queued
                         ),
-                        _ => format!(
-                            "The {} queue of pool `{}` is full; retry later.",
-                            rules.tier, req.pool
-                        ),
-                    };
-                    return Err(Reject::new(reason, Some(retry_after), msg));
-                }
-                Ok(Some(displaced)) => {
-                    tracing::debug!(pool = %req.pool, displaced, by = id, "unstarted lower-tier grant requeued");
-                    self.inner
-                        .metrics
-                        .displaced
-                        .get_or_create(&PoolTierLabels {
-                            pool: req.pool.clone(),
-                            tier: rules.tier.as_str(),
-                        })
-                        .inc();
-                }
-                Ok(None) => {}
+                    ),
+                };
+                self.inner.ledger.record(key, |c| c.rejected += 1);
+                self.count_decision(label, rules.tier, "rejected", reason.as_str());
+                return Err(Reject::new(reason, Some(retry_after), msg));
             }
-            st.waiters.insert(id, notify.clone());
-            st.dispatch();
-            self.set_queued_gauge(&pool, &st);
-        }
-        let mut waiting = Waiting {
-            adm: self,
-            pool,
-            id,
-            tenant: rules.tenant.clone(),
-            tier: rules.tier,
-            key,
-            label,
-            done: false,
-        };
-        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
-        tokio::pin!(sleep);
-        let arrived = tokio::time::Instant::from_std(now);
-        loop {
-            tokio::select! {
-                biased;
-                () = notify.notified() => {
-                    if let Some(grant) = waiting.try_start() {
-                        return Ok(waiting.into_permit(grant, arrived, reservation));
-                    }
-                }
-                () = &mut sleep => {
-                    if let Some(grant) = waiting.try_start() {
-                        return Ok(waiting.into_permit(grant, arrived, reservation));
-                    }
-                    return Err(waiting.expire(deadline.saturating_duration_since(now)));
-                }
+            Ok(Some(displaced)) => {
+                tracing::debug!(pool = %pool.name, displaced, by = id, "unstarted lower-tier grant requeued");
+                self.inner
+                    .metrics
+                    .displaced
+                    .get_or_create(&PoolTierLabels {
+                        pool: pool.name.to_string(),
+                        tier: rules.tier.as_str(),
+                    })
+                    .inc();
             }
+            Ok(None) => {}
         }
+        st.waiters.insert(id, notify.clone());
+        st.dispatch();
+        self.set_queued_gauge(pool, &st);
+        Ok(notify)
     }
 }
 
@@ -509,6 +517,36 @@ struct Waiting<'a> {
 }
 
 impl Waiting<'_> {
+    /// Waits until the scheduler grants the request (a permit) or `deadline` passes (expired, unless granted at that
+    /// very moment). Cancel-safe through [`Waiting`]'s `Drop`.
+    async fn wait(
+        mut self,
+        notify: &Notify,
+        now: Instant,
+        deadline: Instant,
+        reservation: Reservation,
+    ) -> Result<Permit, Reject> {
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+        tokio::pin!(sleep);
+        let arrived = tokio::time::Instant::from_std(now);
+        loop {
+            tokio::select! {
+                biased;
+                () = notify.notified() => {
+                    if let Some(grant) = self.try_start() {
+                        return Ok(self.into_permit(grant, arrived, reservation));
+                    }
+                }
+                () = &mut sleep => {
+                    if let Some(grant) = self.try_start() {
+                        return Ok(self.into_permit(grant, arrived, reservation));
+                    }
+                    return Err(self.expire(deadline.saturating_duration_since(now)));
+                }
+            }
+        }
+    }
+
     /// Takes the grant if the scheduler holds one for this request.
     fn try_start(&mut self) -> Option<Grant> {
         let mut st = self.pool.state.lock();
@@ -599,115 +637,5 @@ impl Drop for Waiting<'_> {
             .record(&self.key, |c| c.abandoned += 1);
         self.adm
             .count_decision(&self.label, self.tier, "abandoned", "client_gone");
-    }
-}
-
-/// Permission to dispatch one request. Settle it with [`Permit::complete`], [`Permit::fail`] or
-/// [`Permit::cancel`]; dropping it unsettled counts as cancelled (with no token counts). Either way its slot goes
-/// back to the pool and the next waiter is dispatched.
-#[derive(Debug)]
-pub struct Permit {
-    /// Tenant.
-    pub tenant: Arc<str>,
-    /// Tier it was scheduled in.
-    pub tier: Tier,
-    /// Model.
-    pub model: Arc<str>,
-    /// Pool.
-    pub pool: Arc<str>,
-    /// Admission's id of the request.
-    pub request_id: RequestId,
-    /// Time spent queued.
-    pub queued_for: Duration,
-    /// The tenant's limit states after this request's reservation (`x-ratelimit-*` headers).
-    pub rate: RateHeaders,
-    /// Its share of the tenant's limits, settled with the real usage.
-    reservation: Option<Reservation>,
-    grant: Grant,
-    pool_ref: Arc<Pool>,
-    inner: Arc<Inner>,
-    key: Key,
-    label: String,
-    settled: bool,
-}
-
-impl Permit {
-    /// The request completed with this usage.
-    pub fn complete(mut self, usage: Usage) {
-        self.settle(Outcome::Completed, Some(usage));
-    }
-
-    /// The request failed (upstream error) after using this much.
-    pub fn fail(mut self, usage: Usage) {
-        self.settle(Outcome::Failed, Some(usage));
-    }
-
-    /// The client went away; the pod reported this usage.
-    pub fn cancel(mut self, usage: Usage) {
-        self.settle(Outcome::Cancelled, Some(usage));
-    }
-
-    fn settle(&mut self, outcome: Outcome, usage: Option<Usage>) {
-        if self.settled {
-            return;
-        }
-        self.settled = true;
-        {
-            let mut st = self.pool_ref.state.lock();
-            // Without real usage the estimated charge stands.
-            if let Some(u) = usage {
-                st.sched
-                    .settle(&self.grant, u.prompt_tokens, u.completion_tokens);
-            }
-            st.sched.add_room(1);
-            st.dispatch();
-        }
-        if let Some(r) = self.reservation.take() {
-            // Without real usage the reservation stands.
-            r.settle(
-                usage.map(|u| u.prompt_tokens + u.completion_tokens),
-                tokio::time::Instant::now().into_std(),
-            );
-        }
-        let u = usage.unwrap_or_default();
-        self.inner.ledger.record(&self.key, |c| {
-            match outcome {
-                Outcome::Completed => c.completed += 1,
-                Outcome::Failed => c.failed += 1,
-                Outcome::Cancelled => c.cancelled += 1,
-            }
-            c.prompt_tokens += u.prompt_tokens;
-            c.cached_tokens += u.cached_tokens;
-            c.completion_tokens += u.completion_tokens;
-            c.gpu_seconds += u.gpu_seconds;
-        });
-        let m = &self.inner.metrics;
-        let tier = self.tier.as_str();
-        m.ended
-            .get_or_create(&EndLabels {
-                tenant: self.label.clone(),
-                tier,
-                outcome: outcome.as_str(),
-            })
-            .inc();
-        for (kind, n) in [
-            ("prompt", u.prompt_tokens),
-            ("cached", u.cached_tokens),
-            ("completion", u.completion_tokens),
-        ] {
-            m.tokens
-                .get_or_create(&TokenLabels {
-                    tenant: self.label.clone(),
-                    tier,
-                    kind,
-                })
-                .inc_by(n);
-        }
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.settle(Outcome::Cancelled, None);
     }
 }
