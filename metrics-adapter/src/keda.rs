@@ -159,13 +159,15 @@ impl Trigger {
                 || v.labels.get("weir.dev/pool").is_some_and(|l| l == p)
                 || v.key.to_string() == p
         });
-        let eq = |want: &Option<String>, have: &str| {
-            want.as_deref().is_none_or(|w| w.eq_ignore_ascii_case(have))
-        };
         pool_ok
-            && eq(&self.model, &v.key.model)
-            && eq(&self.role, &v.key.role)
-            && eq(&self.gpu, &v.key.gpu)
+            && wanted(&self.model, &v.key.model)
+            && wanted(&self.role, &v.key.role)
+            && wanted(&self.gpu, &v.key.gpu)
+    }
+
+    /// Whether the trigger selects admission's queue `q` (its pool and tier, each any when not given).
+    fn selects_queue(&self, q: &TierQueue) -> bool {
+        wanted(&self.pool, &q.pool) && wanted(&self.tier, &q.tier)
     }
 
     /// The trigger's value: the sum over the selected pods (0 for none).
@@ -180,14 +182,11 @@ impl Trigger {
     /// The trigger's value over admission's queues: the selected pool's (every pool's) queues of the selected tier
     /// (every tier), folded with the metric's fold (depth summed, wait the longest); 0 for none.
     pub fn tier_value(&self, m: &TierMetric, queues: &[TierQueue]) -> f64 {
-        let eq = |want: &Option<String>, have: &str| {
-            want.as_deref().is_none_or(|w| w.eq_ignore_ascii_case(have))
-        };
         catalog::fold(
             m.fold,
             queues
                 .iter()
-                .filter(|q| eq(&self.pool, &q.pool) && eq(&self.tier, &q.tier))
+                .filter(|q| self.selects_queue(q))
                 .map(m.from_queue),
         )
         .unwrap_or(0.0)
@@ -201,13 +200,13 @@ impl Trigger {
     /// Whether admission holds a request for the selected pool (any pool without one) in the selected tier (any),
     /// which makes a per-pod trigger active: a pool at zero has no pod to report a value, yet needs one.
     pub fn held(&self, queues: &[TierQueue]) -> bool {
-        let eq = |want: &Option<String>, have: &str| {
-            want.as_deref().is_none_or(|w| w.eq_ignore_ascii_case(have))
-        };
-        queues
-            .iter()
-            .any(|q| q.queued > 0 && eq(&self.pool, &q.pool) && eq(&self.tier, &q.tier))
+        queues.iter().any(|q| q.queued > 0 && self.selects_queue(q))
     }
+}
+
+/// A metadata selector against a value: any when not given, else equal ignoring ASCII case.
+fn wanted(want: &Option<String>, have: &str) -> bool {
+    want.as_deref().is_none_or(|w| w.eq_ignore_ascii_case(have))
 }
 
 /// A non-negative value as KEDA's int64 field: rounded up, so 0.2 queued reads as 1, not 0.
