@@ -282,6 +282,19 @@ async fn serve_answers_the_custom_metrics_api_over_https_with_each_pods_own_valu
 }
 
 /// A KEDA trigger's metadata.
+/// The next `StreamIsActive` state within `limit` (panics naming `what` when none comes or the stream fails).
+async fn next_push(
+    stream: &mut tonic::Streaming<metrics_adapter::keda::proto::IsActiveResponse>,
+    limit: Duration,
+    what: &str,
+) -> metrics_adapter::keda::proto::IsActiveResponse {
+    tokio::time::timeout(limit, stream.message())
+        .await
+        .expect(what)
+        .unwrap()
+        .unwrap()
+}
+
 /// A KEDA external-scaler client connected to `addr` (`host:port`, plaintext gRPC).
 async fn keda_client(addr: &str) -> ExternalScalerClient<tonic::transport::Channel> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -375,11 +388,12 @@ async fn keda_external_scaler_answers_over_grpc_from_the_routers_samples() {
         .await
         .unwrap()
         .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("the stream's first state")
-        .unwrap()
-        .unwrap();
+    let first = next_push(
+        &mut stream,
+        Duration::from_secs(5),
+        "the stream's first state",
+    )
+    .await;
     assert!(!first.result);
     let idle = keda
         .get_metrics(GetMetricsRequest {
@@ -422,11 +436,12 @@ async fn keda_external_scaler_answers_over_grpc_from_the_routers_samples() {
     )
     .await;
     let queued_at = tokio::time::Instant::now();
-    let pushed = tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("a StreamIsActive push after the queue filled")
-        .unwrap()
-        .unwrap();
+    let pushed = next_push(
+        &mut stream,
+        Duration::from_secs(5),
+        "a StreamIsActive push after the queue filled",
+    )
+    .await;
     let after = queued_at.elapsed();
     assert!(pushed.result, "{pushed:?}");
     assert!(
@@ -475,11 +490,12 @@ async fn keda_external_scaler_answers_over_grpc_from_the_routers_samples() {
     for h in held {
         h.abort();
     }
-    let back = tokio::time::timeout(Duration::from_secs(20), stream.message())
-        .await
-        .expect("an inactive push after the queue drained")
-        .unwrap()
-        .unwrap();
+    let back = next_push(
+        &mut stream,
+        Duration::from_secs(20),
+        "an inactive push after the queue drained",
+    )
+    .await;
     assert!(!back.result);
 }
 

@@ -131,11 +131,12 @@ async fn a_pool_at_zero_holds_its_first_request_pushes_keda_and_serves_it_once_a
         .await
         .unwrap()
         .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("the stream's first state")
-        .unwrap()
-        .unwrap();
+    let first = super::next_push(
+        &mut stream,
+        Duration::from_secs(5),
+        "the stream's first state",
+    )
+    .await;
     assert!(!first.result);
 
     // One completion for the pool at zero: held, and pushed to KEDA within 1 s.
@@ -154,11 +155,12 @@ async fn a_pool_at_zero_holds_its_first_request_pushes_keda_and_serves_it_once_a
         let (status, h) = (r.status().as_u16(), r.headers().clone());
         (status, h, r.text().await.unwrap())
     });
-    let pushed = tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("a StreamIsActive push for the held request")
-        .unwrap()
-        .unwrap();
+    let pushed = super::next_push(
+        &mut stream,
+        Duration::from_secs(5),
+        "a StreamIsActive push for the held request",
+    )
+    .await;
     let after = sent_at.elapsed();
     assert!(pushed.result, "{pushed:?}");
     assert!(
@@ -252,11 +254,12 @@ async fn a_pool_at_zero_holds_its_first_request_pushes_keda_and_serves_it_once_a
     );
 
     // Nothing held any more, no pod queue: the stream says inactive.
-    let back = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("an inactive push once served")
-        .unwrap()
-        .unwrap();
+    let back = super::next_push(
+        &mut stream,
+        Duration::from_secs(10),
+        "an inactive push once served",
+    )
+    .await;
     assert!(!back.result);
 }
 
