@@ -296,19 +296,7 @@ async fn a_pod_that_recovers_is_probed_and_its_breaker_closes() {
     // The pod is replaced by a healthy one on the same address (a restarted container keeps its pod IP).
     bad.terminate();
     bad.wait_exit(Duration::from_secs(10)).await;
-    let _healed = Weir::start(&[
-        "sim",
-        "--port",
-        &port,
-        "--time-scale",
-        "50",
-        "--startup-delay",
-        "0",
-        "--served-model-name",
-        "m",
-    ])
-    .ready()
-    .await;
+    let _healed = Weir::sim_on(&port, "50", &["--served-model-name", "m"]).await;
     let before = picks(&get_text(&m).await);
     // Once its ejection ends, one request probes the pod; its success closes the breaker and traffic returns.
     eventually(

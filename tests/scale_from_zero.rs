@@ -190,19 +190,7 @@ async fn a_pool_at_zero_holds_its_first_request_pushes_keda_and_serves_it_once_a
     assert!(!req.is_finished(), "answered while the pool had no pod");
 
     // The pod starts, passes its readiness and is reported Ready: the held request goes to it.
-    let pod = Weir::start(&[
-        "sim",
-        "--port",
-        &port,
-        "--time-scale",
-        "50",
-        "--startup-delay",
-        "0",
-        "--served-model-name",
-        "m",
-    ])
-    .ready()
-    .await;
+    let pod = Weir::sim_on(&port, "50", &["--served-model-name", "m"]).await;
     kube.add_ready_pod();
     let (status, h, text) = tokio::time::timeout(Duration::from_secs(30), req)
         .await

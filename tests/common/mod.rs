@@ -181,10 +181,16 @@ impl Weir {
 
     /// `weir sim` at `scale` model-seconds per real second (1 = real GPU speed, for long streams); ready.
     pub async fn sim_at(scale: &str, extra: &[&str]) -> Weir {
+        Weir::sim_on("0", scale, extra).await
+    }
+
+    /// `weir sim` on `port` (a fixed one: a pod coming back on its address) at `scale`, no start-up delay, `extra`
+    /// flags appended; ready.
+    pub async fn sim_on(port: &str, scale: &str, extra: &[&str]) -> Weir {
         let mut args = vec![
             "sim",
             "--port",
-            "0",
+            port,
             "--time-scale",
             scale,
             "--startup-delay",
