@@ -326,14 +326,14 @@ async fn start_ext_proc(
         args.ext_proc_failure_mode,
         args.ext_proc_message_timeout,
     );
-    let transport = if args.ext_proc_plaintext {
+    type Served =
+        std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let (served, transport): (Served, _) = if args.ext_proc_plaintext {
         let incoming = tonic::transport::server::TcpIncoming::from(tcp);
-        tokio::spawn(async move {
-            if let Err(e) = router::ext_proc::serve(incoming, picker, shutdown_signal()).await {
-                tracing::error!(error = %e, "ext_proc endpoint picker stopped");
-            }
-        });
-        "grpc"
+        (
+            Box::pin(router::ext_proc::serve(incoming, picker, shutdown_signal())),
+            "grpc",
+        )
     } else {
         let cfg = super::tls::config_for(
             args.ext_proc_tls_cert.as_deref(),
@@ -342,13 +342,16 @@ async fn start_ext_proc(
             super::tls::ALPN_H2,
         )?;
         let incoming = super::tls::TlsListener::new(tcp, cfg)?.into_incoming();
-        tokio::spawn(async move {
-            if let Err(e) = router::ext_proc::serve(incoming, picker, shutdown_signal()).await {
-                tracing::error!(error = %e, "ext_proc endpoint picker stopped");
-            }
-        });
-        "grpc over tls"
+        (
+            Box::pin(router::ext_proc::serve(incoming, picker, shutdown_signal())),
+            "grpc over tls",
+        )
     };
+    tokio::spawn(async move {
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "ext_proc endpoint picker stopped");
+        }
+    });
     tracing::info!(%addr, mode = ?args.ext_proc_failure_mode, transport, "ext_proc endpoint picker listening");
     Ok(addr)
 }
